@@ -1,0 +1,1 @@
+"""nanochat: single-GPU GPT pretraining with feature-flagged, honestly measured speed-ups."""

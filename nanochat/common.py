@@ -1,0 +1,166 @@
+"""Small shared utilities: device autodetection, distributed init, rank-0 printing, the base
+directory, the GPU peak-FLOPs table and the run's provenance record.
+
+Everything here is import-cheap and never touches CUDA at import time, so CPU-only machines
+(CI) and scripts that only validate flags never initialise a GPU context.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+
+import torch
+import torch.distributed as dist
+
+
+class UsageError(Exception):
+    """A user-facing configuration problem: printed as one line, exit code 2, no traceback."""
+
+
+def get_base_dir() -> str:
+    """Where data, tokenizer and checkpoints live: $NANOCHAT_BASE_DIR or ~/.cache/nanochat."""
+    base = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
+    os.makedirs(base, exist_ok=True)
+    return base
+
+
+def get_dist_info() -> tuple[bool, int, int, int]:
+    """(is_ddp, rank, local_rank, world_size) from the torchrun environment variables."""
+    if all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
+        return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    return False, 0, 0, 1
+
+
+def is_master() -> bool:
+    return get_dist_info()[1] == 0
+
+
+def print0(*args, **kwargs) -> None:
+    """print() on rank 0 only, flushed so logs interleave correctly with subprocess output."""
+    if is_master():
+        kwargs.setdefault("flush", True)
+        print(*args, **kwargs)
+
+
+def autodetect_device_type() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def compute_init(device_type: str):
+    """Seed, set matmul precision, and initialise torch.distributed when launched by torchrun.
+
+    Returns (ddp, rank, local_rank, world_size, device). CPU runs under torchrun use gloo, so the
+    multi-process code path is testable without a GPU.
+    """
+    ddp, rank, local_rank, world_size = get_dist_info()
+    if device_type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError("--device-type=cuda but no CUDA device is visible; use --device-type=cpu")
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    elif device_type == "mps":
+        device = torch.device("mps")
+    else:
+        device = torch.device("cpu")
+    if ddp and not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        if device_type == "cuda":
+            dist.init_process_group(backend=backend, device_id=device)
+        else:
+            dist.init_process_group(backend=backend)
+        dist.barrier()
+    return ddp, rank, local_rank, world_size, device
+
+
+def compute_cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# Dense bf16 tensor-core peak FLOP/s (no sparsity), used for MFU. Matched by substring of the
+# device name; order matters (more specific names first).
+_PEAK_BF16_FLOPS = [
+    ("H200", 989e12),
+    ("H100 NVL", 835e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("H800", 989e12),
+    ("GH200", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("RTX 4090", 165e12),
+    ("RTX 5090", 209e12),
+    ("A10G", 70e12),
+    ("A10", 125e12),
+]
+
+
+def get_peak_flops(device_name: str) -> float | None:
+    """bf16 dense peak for a CUDA device name, or None when unknown (MFU is then not printed)."""
+    for key, flops in _PEAK_BF16_FLOPS:
+        if key in device_name:
+            return flops
+    return None
+
+
+def git_sha() -> str:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=5)
+        sha = out.stdout.strip()
+        if not sha:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def run_provenance() -> dict:
+    """What produced a run: code version, library versions, hardware. Logged and checkpointed."""
+    info = {
+        "git_sha": git_sha(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "platform": platform.platform(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+class DummyWandb:
+    """Stands in for a wandb run when logging is off or unavailable."""
+
+    def log(self, *args, **kwargs):
+        pass
+
+    def finish(self):
+        pass
+
+
+def init_wandb(run_name: str, config: dict, master: bool):
+    """wandb only when asked for (`--run` not 'dummy'), imported lazily; a missing package or login
+    prints one warning and training continues."""
+    if run_name == "dummy" or not master:
+        return DummyWandb()
+    try:
+        import wandb  # noqa: PLC0415 (lazy on purpose: 20 MB, often absent on GPU boxes)
+        return wandb.init(project="nanochat", name=run_name, config=config)
+    except Exception as e:  # noqa: BLE001 (any wandb failure must not stop training)
+        print0(f"WARNING: wandb unavailable ({type(e).__name__}: {e}); continuing without it")
+        return DummyWandb()

@@ -1,0 +1,30 @@
+"""Shared test setup: CPU by default, GPU tests opt in with @pytest.mark.gpu."""
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def base_dir(tmp_path, monkeypatch):
+    """An empty NANOCHAT_BASE_DIR for the test."""
+    d = tmp_path / "nanochat_base"
+    d.mkdir()
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(d))
+    return d
