@@ -1,0 +1,221 @@
+"""BOS-aligned best-fit packing dataloader: deterministic, rank-sharded, exactly resumable.
+
+Why this design:
+* **BOS-aligned rows.** Every row of T+1 tokens starts at a document's BOS, so no row opens in
+  the middle of a document whose start the model cannot see.
+* **Best-fit cropping, no padding.** A row is filled with the largest remaining document that fits;
+  when none fits, the shortest remaining document is cropped to fill the row exactly (its tail is
+  dropped). Every token in a batch is a real token that is trained on.
+* **Row group = unit of work.** Packing restarts for each parquet row group (a trailing partial row
+  is dropped), so each row group deterministically yields the same list of rows regardless of
+  what came before. That makes the position (epoch, shard, row group, rows consumed) a complete
+  resume state: re-pack that one row group, skip the consumed rows, and the stream continues
+  bit-identically.
+* **Ranks** take row groups round-robin by their index within the epoch (counter % world_size ==
+  rank), so ranks never see the same document. The state is per rank: save each rank's.
+"""
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator
+
+import torch
+
+from nanochat.dataset import DataError, open_shard, read_row_group_texts, resolve_data_dir, split_files
+
+STATE_KEYS = ("epoch", "shard_idx", "rg_idx", "row_offset", "rank", "world_size", "seq_len")
+
+
+def pack_rows(docs: list[list[int]], row_len: int) -> list[list[int]]:
+    """Pack token lists (each starting with BOS) into rows of exactly `row_len` tokens.
+
+    Deterministic best fit: each row is built by repeatedly taking the largest remaining document
+    that fits in the space left (earliest document on ties); if none fits, the shortest remaining
+    document is cropped to fill the space exactly (cropping the shortest wastes the fewest
+    tokens). Since every document starts with BOS, so does every row. Documents still unplaced
+    when the last row cannot be completed are dropped with it.
+    """
+    # Sorted (length, index) keys: bisect finds "largest that fits" in O(log n).
+    pool = sorted((len(d), i) for i, d in enumerate(docs) if d)
+    rows = []
+    row: list[int] = []
+    while pool:
+        space = row_len - len(row)
+        # Largest length <= space; among equal lengths the smallest index (hence the -1 trick).
+        j = bisect.bisect_right(pool, (space, len(docs))) - 1
+        if j >= 0:
+            length = pool[j][0]
+            k = bisect.bisect_left(pool, (length, -1))  # earliest doc of that length
+            _, i = pool.pop(k)
+            row.extend(docs[i])
+        else:
+            _, i = pool.pop(0)  # shortest; all remaining are longer than the space
+            row.extend(docs[i][:space])
+        if len(row) == row_len:
+            rows.append(row)
+            row = []
+    return rows
+
+
+def _validate_state(state: dict, rank: int, world_size: int, seq_len: int) -> dict:
+    if not isinstance(state, dict) or any(k not in state for k in STATE_KEYS[:4]):
+        raise ValueError(f"resume_state must be a dict with keys {list(STATE_KEYS)}, got {state!r}")
+    for k in STATE_KEYS:
+        if k in state and (not isinstance(state[k], int) or state[k] < 0):
+            raise ValueError(f"resume_state[{k!r}] must be a non-negative int, got {state[k]!r}")
+    got = (state.get("rank", rank), state.get("world_size", world_size))
+    if got != (rank, world_size):
+        raise ValueError(f"resume_state was saved by rank {got[0]} of {got[1]}, but this loader is "
+                         f"rank {rank} of {world_size}; save and restore each rank's own state")
+    if state.get("seq_len", seq_len) != seq_len:
+        raise ValueError(f"resume_state was saved with seq_len={state['seq_len']}, this loader has "
+                         f"seq_len={seq_len}; rows would not line up, so resume is not exact")
+    return state
+
+
+def build_loader(tokenizer, batch_size: int, seq_len: int, split: str, device="cpu", rank: int = 0,
+                 world_size: int = 1, resume_state: dict | None = None, data_dir: str | None = None,
+                 tokenizer_threads: int = 4, prefetch: int = 2
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
+    """Infinite iterator of (inputs, targets, state): int64 (B, T) tensors on `device`.
+
+    `state` (plain ints, JSON-serialisable) is the position after this batch; passing it as
+    `resume_state` to a new loader makes its first batch equal to this loader's next one. Both
+    splits loop forever (epoch += 1 when the files run out); evaluation takes N batches from a
+    fresh loader. `prefetch` row groups are read and tokenized in one background thread (order is
+    fixed, so this changes nothing but speed; 0 = all in the caller's thread).
+    """
+    problems = []
+    if not isinstance(batch_size, int) or batch_size < 1:
+        problems.append(f"batch_size must be a positive int, got {batch_size!r}")
+    if not isinstance(seq_len, int) or seq_len < 1:
+        problems.append(f"seq_len must be a positive int, got {seq_len!r}")
+    if split not in ("train", "val"):
+        problems.append(f"split must be 'train' or 'val', got {split!r}")
+    if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
+        problems.append(f"need 0 <= rank < world_size, got rank={rank!r} world_size={world_size!r}")
+    if problems:
+        raise ValueError("; ".join(problems))
+    if resume_state is not None:
+        resume_state = _validate_state(resume_state, rank, world_size, seq_len)
+
+    d = data_dir if data_dir is not None else resolve_data_dir()
+    files = split_files(split, d)
+    if not files:
+        raise DataError(f"{d}: the {split} split has no shards")
+    num_rgs = [open_shard(p).num_row_groups for p in files]
+    total_rgs = sum(num_rgs)
+    if total_rgs <= rank:
+        raise DataError(f"the {split} split has {total_rgs} row groups in {files}, too few for "
+                        f"rank {rank} of {world_size} to get any")
+    rg_base = [sum(num_rgs[:i]) for i in range(len(files))]  # counter of each shard's first rg
+    if resume_state is not None:
+        s0, r0 = resume_state["shard_idx"], resume_state["rg_idx"]
+        if s0 >= len(files) or r0 >= num_rgs[s0]:
+            raise ValueError(f"resume_state points at shard {s0} row group {r0}, beyond the "
+                             f"{split} files {files}; did the data directory change?")
+        if (rg_base[s0] + r0) % world_size != rank:
+            raise ValueError(f"resume_state points at a row group of another rank "
+                             f"(shard {s0}, row group {r0}); did the data directory change?")
+
+    def positions(start: dict | None):
+        """(epoch, shard_idx, rg_idx) of this rank's row groups, forever, from `start` on."""
+        epoch, s0, r0 = (start["epoch"], start["shard_idx"], start["rg_idx"]) if start else (0, 0, 0)
+        while True:
+            for s in range(s0, len(files)):
+                for r in range(r0 if s == s0 else 0, num_rgs[s]):
+                    if (rg_base[s] + r) % world_size == rank:
+                        yield epoch, s, r
+            epoch, s0, r0 = epoch + 1, 0, 0
+
+    open_files: dict[int, object] = {}
+
+    def load_rows(pos) -> torch.Tensor:
+        """Read, tokenize and pack one row group: (num_rows, T+1) int64 tensor on CPU."""
+        _, s, r = pos
+        if s not in open_files:
+            open_files.clear()  # one shard open at a time
+            open_files[s] = open_shard(files[s])
+        texts = read_row_group_texts(open_files[s], r, files[s])
+        docs = tokenizer.encode(texts, prepend=tokenizer.get_bos_token_id(), num_threads=tokenizer_threads)
+        rows = pack_rows(docs, seq_len + 1)
+        if not rows:
+            return torch.empty((0, seq_len + 1), dtype=torch.int64)
+        return torch.tensor(rows, dtype=torch.int64)
+
+    use_cuda = torch.device(device).type == "cuda"
+
+    def generate():
+        pos_iter = positions(resume_state)
+        skip = resume_state["row_offset"] if resume_state else 0
+        executor = ThreadPoolExecutor(max_workers=1) if prefetch > 0 else None
+        pending: deque = deque()
+
+        def next_rows():
+            if executor is None:
+                pos = next(pos_iter)
+                return pos, load_rows(pos)
+            while len(pending) <= prefetch:
+                pos = next(pos_iter)
+                pending.append((pos, executor.submit(load_rows, pos)))
+            pos, fut = pending.popleft()
+            return pos, fut.result()
+
+        # Pinned host buffers and an event per slot: the host must not overwrite a buffer whose
+        # async copy to the GPU has not finished yet.
+        slots = []
+        if use_cuda:
+            for _ in range(2):
+                slots.append((torch.empty((batch_size, seq_len), dtype=torch.int64, pin_memory=True),
+                              torch.empty((batch_size, seq_len), dtype=torch.int64, pin_memory=True),
+                              None))
+        step = 0
+        try:
+            batch_rows: list[torch.Tensor] = []
+            n_in_batch = 0
+            epoch_rows, cur_epoch = 0, None
+            while True:
+                pos, rows = next_rows()
+                if pos[0] != cur_epoch:
+                    if cur_epoch is not None and epoch_rows == 0:
+                        raise DataError(f"the {split} split yields no complete rows of {seq_len + 1} "
+                                        f"tokens for rank {rank} of {world_size} from {files} "
+                                        f"(too little text per row group?)")
+                    cur_epoch, epoch_rows = pos[0], 0
+                epoch_rows += rows.shape[0]
+                start = min(skip, rows.shape[0])
+                skip = 0
+                while start < rows.shape[0]:
+                    take = min(batch_size - n_in_batch, rows.shape[0] - start)
+                    batch_rows.append(rows[start:start + take])
+                    n_in_batch += take
+                    start += take
+                    if n_in_batch < batch_size:
+                        continue
+                    batch = torch.cat(batch_rows) if len(batch_rows) > 1 else batch_rows[0]
+                    batch_rows, n_in_batch = [], 0
+                    state = {"epoch": pos[0], "shard_idx": pos[1], "rg_idx": pos[2], "row_offset": start,
+                             "rank": rank, "world_size": world_size, "seq_len": seq_len}
+                    if use_cuda:
+                        x_buf, y_buf, event = slots[step % 2]
+                        if event is not None:
+                            event.synchronize()
+                        x_buf.copy_(batch[:, :-1])
+                        y_buf.copy_(batch[:, 1:])
+                        x = x_buf.to(device, non_blocking=True)
+                        y = y_buf.to(device, non_blocking=True)
+                        event = torch.cuda.Event()
+                        event.record()
+                        slots[step % 2] = (x_buf, y_buf, event)
+                    else:
+                        x = batch[:, :-1].contiguous().to(device)
+                        y = batch[:, 1:].contiguous().to(device)
+                    step += 1
+                    yield x, y, state
+        finally:
+            if executor is not None:
+                executor.shutdown(wait=False, cancel_futures=True)
+
+    return generate()

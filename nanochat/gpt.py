@@ -1,0 +1,312 @@
+"""The GPT: nanochat's architecture with a trainable-suffix forward.
+
+Architecture (nanochat): rotary position embeddings, QK-norm, ReLU² MLP, untied token embedding
+and lm_head, RMSNorm without parameters (also right after the embedding), no biases, a tanh logit
+softcap, grouped-query attention (`n_kv_head`), a sliding-window pattern tiled over the layers
+(L = full context, S = half context; the last layer is always L), and two learnable scalars per
+layer that mix the residual stream with the normalised embedding `x0` before each block:
+`x = resid_lambda * x + x0_lambda * x0`.
+
+`forward(idx, targets, active_start=a)` runs blocks [0, a) under `no_grad` and detaches the
+activation at the boundary, so backward work and activation memory exist only for blocks
+[a, n_layer). With a = 0 it is exactly the full model. The per-layer scalars live *inside* each
+block (not in one vector for the whole model) so that a frozen block's scalars get `grad=None`
+and are left alone by the optimizer, exactly like its matrices: no masking needed anywhere.
+
+Compilation is regional (`compile_regions`): each block is compiled on its own and the head
+(final norm + lm_head + softcap + loss) is a separate region. All blocks share one graph per
+(grad mode, window, input-requires-grad) variant, so changing `active_start` never compiles
+anything new after the first few steps, and the first compile is a fraction of a whole-model one.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanochat.attention import attention
+from nanochat.lm_head import lm_head_loss
+
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 2048
+    vocab_size: int = 32768
+    n_layer: int = 12
+    n_head: int = 6
+    n_kv_head: int = 6
+    n_embd: int = 768
+    window_pattern: str = "L"
+    softcap: float = 15.0
+
+
+def validate_window_pattern(pattern: str) -> str | None:
+    """Return a problem description for an invalid `--window-pattern`, else None."""
+    if not pattern or any(c not in "SL" for c in pattern.upper()):
+        return f"--window-pattern={pattern!r} must be a non-empty string of S and L (e.g. 'L' or 'SSSL')"
+    return None
+
+
+def layer_windows(config: GPTConfig) -> list[int]:
+    """Attention window per layer (-1 = full causal). The pattern is tiled over the layers;
+    S means half the context; the last layer always sees the full context."""
+    pattern = config.window_pattern.upper()
+    windows = []
+    for i in range(config.n_layer):
+        c = pattern[i % len(pattern)]
+        windows.append(config.sequence_len // 2 if c == "S" else -1)
+    windows[-1] = -1
+    return windows
+
+
+def norm(x: torch.Tensor) -> torch.Tensor:
+    """Parameter-free RMSNorm."""
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[..., :d], x[..., d:]). x: (B, T, H, D); cos/sin: (1, T, 1, D/2)."""
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_kv_head = config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
+        self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x, cos, sin, window: int, backend: str):
+        B, T, _ = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
+        q, k = norm(q), norm(k)  # QK-norm
+        y = attention(q, k, v, window, backend)
+        return self.c_proj(y.reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    """One transformer layer, including its two residual-mixing scalars."""
+
+    def __init__(self, config: GPTConfig, window: int):
+        super().__init__()
+        self.window = window
+        self.attn = CausalSelfAttention(config)
+        self.mlp = MLP(config)
+        self.resid_lambda = nn.Parameter(torch.ones(1))
+        self.x0_lambda = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, x0, cos, sin, backend: str):
+        x = self.resid_lambda.to(x.dtype) * x + self.x0_lambda.to(x.dtype) * x0
+        x = x + self.attn(norm(x), cos, sin, self.window, backend)
+        x = x + self.mlp(norm(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0 and config.n_head % config.n_kv_head == 0
+        self.config = config
+        windows = layer_windows(config)
+        self.transformer = nn.ModuleDict({
+            "wte": nn.Embedding(config.vocab_size, config.n_embd),
+            "h": nn.ModuleList([Block(config, w) for w in windows]),
+        })
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Rotary tables cover 10x the training context so that generation can run longer.
+        self.rotary_seq_len = config.sequence_len * 10
+        head_dim = config.n_embd // config.n_head
+        cos, sin = self._rotary_tables(self.rotary_seq_len, head_dim)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        # Run-time knobs set by the trainer (plain attributes: not part of the state dict).
+        self.attn_backend = "sdpa"
+        self.compute_dtype = torch.float32
+        self.lm_ce_backend = "baseline"
+        self.lm_ce_chunk_size = 4096
+        self._head_fn = self._head_loss
+
+    # ------------------------------------------------------------------ init
+    @staticmethod
+    def _rotary_tables(seq_len: int, head_dim: int, base: float = 10000.0, device=None):
+        channel = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)
+        inv_freq = 1.0 / (base ** (channel / head_dim))
+        t = torch.arange(seq_len, dtype=torch.float32, device=device)
+        freqs = torch.outer(t, inv_freq)
+        return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Initialise every tensor (the model is built on the meta device, then `to_empty`).
+
+        Embedding N(0, 1) because it is normalised right away; lm_head tiny so the initial
+        logits are near uniform; block input projections uniform with std 1/sqrt(d); output
+        projections zero so each block starts as the identity on the residual stream."""
+        cfg = self.config
+        torch.nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
+        torch.nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
+        bound = math.sqrt(3.0) * cfg.n_embd ** -0.5
+        for block in self.transformer.h:
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+                torch.nn.init.uniform_(lin.weight, -bound, bound)
+            torch.nn.init.zeros_(block.attn.c_proj.weight)
+            torch.nn.init.zeros_(block.mlp.c_proj.weight)
+            block.resid_lambda.fill_(1.0)
+            block.x0_lambda.fill_(0.1)
+        cos, sin = self._rotary_tables(self.rotary_seq_len, cfg.n_embd // cfg.n_head, device=self.cos.device)
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
+
+    # ------------------------------------------------------------- counting
+    def num_scaling_params(self) -> dict[str, int]:
+        """Parameter counts by role (nanochat's scaling laws use transformer_matrices + lm_head)."""
+        wte = self.transformer.wte.weight.numel()
+        lm_head = self.lm_head.weight.numel()
+        matrices = sum(p.numel() for n, p in self.transformer.h.named_parameters() if p.dim() == 2)
+        scalars = sum(p.numel() for n, p in self.transformer.h.named_parameters() if p.dim() < 2)
+        total = sum(p.numel() for p in self.parameters())
+        assert total == wte + lm_head + matrices + scalars
+        return {"wte": wte, "transformer_matrices": matrices, "lm_head": lm_head,
+                "scalars": scalars, "total": total}
+
+    def _attn_flops_per_layer(self) -> list[int]:
+        cfg = self.config
+        head_dim = cfg.n_embd // cfg.n_head
+        out = []
+        for w in layer_windows(cfg):
+            span = cfg.sequence_len if w < 0 else min(w, cfg.sequence_len)
+            out.append(12 * cfg.n_head * head_dim * span)  # QK^T and AV, fwd+bwd (6 * 2 matmuls)
+        return out
+
+    def estimate_flops(self, active_start: int = 0) -> int:
+        """Training FLOPs per token, counted as nanochat does: 6 per matmul parameter (embedding
+        and scalars excluded) plus attention. With `active_start` = a, the frozen prefix does
+        forward work only (2 per parameter, 1/3 of its attention), which is the honest count of
+        useful work for MFU on suffix steps."""
+        counts = self.num_scaling_params()
+        attn = self._attn_flops_per_layer()
+        per_block = [sum(p.numel() for p in b.parameters() if p.dim() == 2) for b in self.transformer.h]
+        flops = 6 * counts["lm_head"]
+        for i, (nb, fa) in enumerate(zip(per_block, attn)):
+            if i < active_start:
+                flops += 2 * nb + fa // 3
+            else:
+                flops += 6 * nb + fa
+        return int(flops)
+
+    # ------------------------------------------------------------ optimizer
+    def param_groups(self, *, unembedding_lr, embedding_lr, matrix_lr, scalar_lr, weight_decay,
+                     adam_betas=(0.8, 0.95)) -> list[dict]:
+        """Optimizer groups: AdamW for embedding, lm_head and scalars, Muon for block matrices
+        (one group per matrix shape so they can be stacked and orthogonalised together).
+
+        AdamW learning rates scale with 1/sqrt(d_model / 768) (they were tuned at d=768)."""
+        d_scale = (self.config.n_embd / 768) ** -0.5
+        blocks = self.transformer.h
+        groups = [
+            dict(kind="adamw", name="lm_head", params=[self.lm_head.weight],
+                 lr=unembedding_lr * d_scale, betas=adam_betas, eps=1e-10, weight_decay=0.0),
+            dict(kind="adamw", name="wte", params=[self.transformer.wte.weight],
+                 lr=embedding_lr * d_scale, betas=adam_betas, eps=1e-10, weight_decay=0.0),
+            dict(kind="adamw", name="resid_lambdas", params=[b.resid_lambda for b in blocks],
+                 lr=scalar_lr * 0.01, betas=adam_betas, eps=1e-10, weight_decay=0.0),
+            dict(kind="adamw", name="x0_lambdas", params=[b.x0_lambda for b in blocks],
+                 lr=scalar_lr, betas=(0.96, 0.95), eps=1e-10, weight_decay=0.0),
+        ]
+        by_shape: dict[tuple, list] = {}
+        for b in blocks:
+            for p in b.parameters():
+                if p.dim() == 2:
+                    by_shape.setdefault(tuple(p.shape), []).append(p)
+        for shape, params in sorted(by_shape.items()):
+            groups.append(dict(kind="muon", name=f"muon_{shape[0]}x{shape[1]}", params=params,
+                               lr=matrix_lr, momentum=0.95, weight_decay=weight_decay))
+        n_grouped = sum(len(g["params"]) for g in groups)
+        assert n_grouped == len(list(self.parameters())), "every parameter must be in exactly one group"
+        return groups
+
+    def block_params(self) -> list[list[nn.Parameter]]:
+        """Parameters of each block in depth order (for the dynamic-suffix relevance)."""
+        return [list(b.parameters()) for b in self.transformer.h]
+
+    # --------------------------------------------------------------- compile
+    def compile_regions(self, **compile_kwargs):
+        """Regional compilation: every block and the head are compiled separately (in place, so
+        state_dict keys are unchanged). Identical blocks share compiled code, which makes the
+        first compile short and a new `active_start` free."""
+        for block in self.transformer.h:
+            block.compile(**compile_kwargs)
+        self._head_fn = torch.compile(self._head_loss, **compile_kwargs)
+
+    # --------------------------------------------------------------- forward
+    def _head_loss(self, x, targets, loss_reduction: str):
+        x = norm(x)
+        if self.lm_ce_backend == "baseline":
+            # Through the module so that an FP8-converted lm_head is used.
+            logits = self.lm_head(x).float()
+            logits = self.config.softcap * torch.tanh(logits / self.config.softcap)
+            return lm_head_loss_from_logits(logits, targets, loss_reduction)
+        return lm_head_loss(x, self.lm_head.weight, targets, softcap=self.config.softcap,
+                            backend=self.lm_ce_backend, chunk_size=self.lm_ce_chunk_size,
+                            reduction=loss_reduction)
+
+    def forward(self, idx, targets=None, active_start: int = 0, loss_reduction: str = "mean"):
+        """idx, targets: (B, T) int64. Returns the loss if targets are given, else fp32 logits.
+
+        Blocks [0, active_start) run without autograd; the boundary activation is detached."""
+        B, T = idx.shape
+        n = self.config.n_layer
+        if not 0 <= active_start <= n:
+            raise ValueError(f"active_start={active_start} must be in [0, {n}]")
+        if T > self.rotary_seq_len:
+            raise ValueError(f"sequence length {T} exceeds the rotary table ({self.rotary_seq_len})")
+        cos, sin = self.cos[:, :T].to(self.compute_dtype), self.sin[:, :T].to(self.compute_dtype)
+        x = norm(self.transformer.wte(idx).to(self.compute_dtype))
+        x0 = x
+        blocks = self.transformer.h
+        if active_start > 0:
+            with torch.no_grad():
+                for block in blocks[:active_start]:
+                    x = block(x, x0, cos, sin, self.attn_backend)
+            x = x.detach()
+        for block in blocks[active_start:]:
+            x = block(x, x0, cos, sin, self.attn_backend)
+        if targets is None:
+            logits = self.lm_head(norm(x)).float()
+            return self.config.softcap * torch.tanh(logits / self.config.softcap)
+        return self._head_fn(x, targets, loss_reduction)
+
+
+def lm_head_loss_from_logits(logits, targets, reduction: str = "mean"):
+    """Cross-entropy over (already softcapped, fp32) logits with ignore_index=-1; a mean over
+    zero valid targets is 0 rather than NaN, so an all-ignored batch never poisons a step."""
+    flat_targets = targets.reshape(-1)
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), flat_targets, ignore_index=-1, reduction="none")
+    if reduction == "none":
+        return loss.view_as(targets)
+    total = loss.sum()
+    if reduction == "sum":
+        return total
+    return total / (flat_targets != -1).sum().clamp(min=1)

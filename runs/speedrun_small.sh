@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# The main job: set up, prepare data + tokenizer, pretrain a base model.
+#
+#   bash runs/speedrun_small.sh                        # GPU: d12 anchor config; CPU: a tiny config
+#   DEPTH=20 NUM_ITERATIONS=2000 bash runs/speedrun_small.sh
+#   DRY_RUN=1 bash runs/speedrun_small.sh              # print the resolved command, run nothing
+#
+# Every environment variable below maps to one base_train flag (docs/feature_flags.md lists them);
+# BASE_TRAIN_EXTRA_ARGS is appended last, so its flags win. Unset variables keep the defaults.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+die() { echo "speedrun_small.sh: error: $*" >&2; exit 2; }
+is_int() { [[ "$1" =~ ^-?[0-9]+$ ]]; }
+is_num() { [[ "$1" =~ ^-?[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$ ]]; }
+is_bool() { [[ "$1" == 0 || "$1" == 1 ]]; }
+
+SKIP_SETUP=${SKIP_SETUP:-0}
+PREPARE_DATA=${PREPARE_DATA:-auto}
+DRY_RUN=${DRY_RUN:-0}
+NUM_SHARDS=${NUM_SHARDS:-8}
+DATASET=${DATASET:-climbmix}
+LOG_FILE=${LOG_FILE:-}
+is_bool "$SKIP_SETUP" || die "SKIP_SETUP=$SKIP_SETUP must be 0 or 1"
+is_bool "$DRY_RUN" || die "DRY_RUN=$DRY_RUN must be 0 or 1"
+[[ "$PREPARE_DATA" =~ ^(auto|0|1)$ ]] || die "PREPARE_DATA=$PREPARE_DATA must be auto, 0 or 1"
+is_int "$NUM_SHARDS" || die "NUM_SHARDS=$NUM_SHARDS must be an integer"
+
+has_gpu=0
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then has_gpu=1; fi
+
+# ---------------------------------------------------------------------------- setup
+if [[ "$SKIP_SETUP" == 0 && "$DRY_RUN" == 0 ]]; then
+  if [[ ! -x .venv/bin/python ]]; then python3 -m venv .venv; fi
+  # shellcheck disable=SC1091
+  source .venv/bin/activate
+  if ! python -c "import torch" >/dev/null 2>&1; then
+    if [[ "$has_gpu" == 0 ]]; then
+      # No GPU: take the CPU build first (PyPI's default Linux wheel is a multi-GB CUDA build).
+      # torch alone from the CPU index (its dependencies come from PyPI below); fall back to PyPI.
+      pip install -q --no-deps --timeout 15 --retries 0 torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
+        || pip install -q "torch==2.13.0"
+    fi
+  fi
+  pip install -q -e ".[dev]"
+elif [[ -x .venv/bin/python && "$DRY_RUN" == 0 ]]; then
+  # shellcheck disable=SC1091
+  source .venv/bin/activate
+fi
+PY=${PYTHON:-python}
+
+# ---------------------------------------------------------------------------- config
+NPROC_PER_NODE=${NPROC_PER_NODE:-1}
+is_int "$NPROC_PER_NODE" && (( NPROC_PER_NODE >= 1 )) || die "NPROC_PER_NODE=$NPROC_PER_NODE must be an integer >= 1"
+if [[ "$has_gpu" == 1 ]]; then
+  : "${DEPTH:=12}" "${MAX_SEQ_LEN:=1024}" "${DEVICE_BATCH_SIZE:=32}" "${TOTAL_BATCH_SIZE:=32768}"
+  : "${NUM_ITERATIONS:=520}" "${EVAL_EVERY:=100}" "${EVAL_TOKENS:=1048576}" "${WINDOW_PATTERN:=L}"
+  DEVICE_ARGS=()
+else
+  # CPU: a config that trains visibly in a few minutes on 2 cores.
+  : "${DEPTH:=4}" "${MAX_SEQ_LEN:=256}" "${DEVICE_BATCH_SIZE:=8}" "${TOTAL_BATCH_SIZE:=4096}"
+  : "${NUM_ITERATIONS:=150}" "${EVAL_EVERY:=50}" "${EVAL_TOKENS:=32768}" "${WINDOW_PATTERN:=L}"
+  : "${ASPECT_RATIO:=32}" "${HEAD_DIM:=64}" "${TOK_VOCAB_SIZE:=4096}" "${TOK_MAX_CHARS:=20000000}"
+  DEVICE_ARGS=(--device-type=cpu --no-compile)
+fi
+: "${TOK_VOCAB_SIZE:=32768}" "${TOK_MAX_CHARS:=2000000000}"
+
+ARGS=()
+add() { ARGS+=("$1=$2"); }                          # add FLAG VALUE
+opt() { local v=${!1:-}; [[ -z "$v" ]] || add "$2" "$v"; }    # opt ENV FLAG
+flag() { local v=${!1:-}; [[ -z "$v" ]] && return 0; is_bool "$v" || die "$1=$v must be 0 or 1"; [[ "$v" == 1 ]] && ARGS+=("$2"); return 0; }
+int_opt() { local v=${!1:-}; [[ -z "$v" ]] && return 0; is_int "$v" || die "$1=$v must be an integer"; add "$2" "$v"; }
+num_opt() { local v=${!1:-}; [[ -z "$v" ]] && return 0; is_num "$v" || die "$1=$v must be a number"; add "$2" "$v"; }
+choice_opt() { local v=${!1:-}; [[ -z "$v" ]] && return 0; [[ " $3 " == *" $v "* ]] || die "$1=$v must be one of: $3"; add "$2" "$v"; }
+
+# Base (nanochat) variables
+opt RUN_NAME --run
+opt MODEL_TAG --model-tag
+int_opt DEPTH --depth
+int_opt ASPECT_RATIO --aspect-ratio
+int_opt HEAD_DIM --head-dim
+opt WINDOW_PATTERN --window-pattern
+int_opt MAX_SEQ_LEN --max-seq-len
+int_opt DEVICE_BATCH_SIZE --device-batch-size
+int_opt TOTAL_BATCH_SIZE --total-batch-size
+int_opt NUM_ITERATIONS --num-iterations
+num_opt TARGET_PARAM_DATA_RATIO --target-param-data-ratio
+num_opt TARGET_FLOPS --target-flops
+int_opt EVAL_EVERY --eval-every
+int_opt EVAL_TOKENS --eval-tokens
+int_opt SAVE_EVERY --save-every
+int_opt SEED --seed
+# Muon
+flag MUON_ACTIVE_ONLY_STACK --muon-active-only-stack
+int_opt MUON_STACK_CHUNK_SIZE --muon-stack-chunk-size
+# LM-head cross-entropy
+choice_opt LM_CE_BACKEND --lm-ce-backend "baseline chunked"
+int_opt LM_CE_CHUNK_SIZE --lm-ce-chunk-size
+
+read -r -a EXTRA <<< "${BASE_TRAIN_EXTRA_ARGS:-}"
+if [[ "$NPROC_PER_NODE" == 1 ]]; then
+  LAUNCH=("$PY" -m scripts.base_train)
+else
+  LAUNCH=("$PY" -m torch.distributed.run --standalone "--nproc_per_node=$NPROC_PER_NODE" -m scripts.base_train)
+fi
+CMD=("${LAUNCH[@]}" "${DEVICE_ARGS[@]}" "${ARGS[@]}" "${EXTRA[@]}")
+
+echo "speedrun_small.sh: gpu=$has_gpu nproc=$NPROC_PER_NODE prepare_data=$PREPARE_DATA"
+echo "speedrun_small.sh: command: ${CMD[*]}"
+if [[ "$DRY_RUN" == 1 ]]; then exit 0; fi
+
+# ---------------------------------------------------------------------------- data + tokenizer
+BASE_DIR=$("$PY" -c "from nanochat.common import get_base_dir; print(get_base_dir())")
+if [[ "$PREPARE_DATA" == 1 || ( "$PREPARE_DATA" == auto && -z "$(ls "$BASE_DIR"/base_data/*.parquet 2>/dev/null)" ) ]]; then
+  echo "speedrun_small.sh: downloading $NUM_SHARDS $DATASET shards (falls back to the embedded sample when offline)"
+  "$PY" -m nanochat.dataset -n "$NUM_SHARDS" --dataset "$DATASET" || echo "speedrun_small.sh: download failed; training will use the embedded sample"
+fi
+if [[ "$PREPARE_DATA" == 1 || ( "$PREPARE_DATA" == auto && ! -f "$BASE_DIR/tokenizer/tokenizer.json" ) ]]; then
+  "$PY" -m scripts.tok_train --vocab-size="$TOK_VOCAB_SIZE" --max-chars="$TOK_MAX_CHARS"
+fi
+
+# ---------------------------------------------------------------------------- train
+if [[ -n "$LOG_FILE" ]]; then
+  mkdir -p "$(dirname "$LOG_FILE")"
+  "${CMD[@]}" 2>&1 | tee "$LOG_FILE"
+else
+  "${CMD[@]}"
+fi

@@ -1,0 +1,126 @@
+"""MuonAdamW: AdamW part matches torch.optim.AdamW, Muon orthogonalises, missing grads are untouched."""
+import copy
+
+import pytest
+import torch
+
+from nanochat.optim import MuonAdamW, orthogonalize
+
+
+def adamw_groups(params, lr=1e-2, wd=0.0):
+    return [dict(kind="adamw", params=params, lr=lr, betas=(0.8, 0.95), eps=1e-10, weight_decay=wd)]
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+def test_adamw_part_matches_torch(wd):
+    torch.manual_seed(0)
+    ref = [torch.nn.Parameter(torch.randn(5, 7)), torch.nn.Parameter(torch.randn(3))]
+    ours = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+    opt_ref = torch.optim.AdamW(ref, lr=1e-2, betas=(0.8, 0.95), eps=1e-10, weight_decay=wd)
+    opt = MuonAdamW(adamw_groups(ours, wd=wd))
+    for step in range(5):
+        grads = [torch.randn_like(p) for p in ref]
+        for p, q, g in zip(ref, ours, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt_ref.step()
+        opt.step()
+    for p, q in zip(ref, ours):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_orthogonalize_is_near_orthogonal():
+    torch.manual_seed(0)
+    for shape in [(64, 64), (32, 96), (96, 32)]:
+        G = torch.randn(3, *shape)
+        X = orthogonalize(G).float()
+        s = torch.linalg.svdvals(X)
+        # Polar Express in bf16 lands the singular values in a band around 1 (not exactly 1);
+        # only the few tiniest singular values of a random square matrix stay below the band.
+        assert s.max() < 1.3, (shape, s.max())
+        in_band = ((s > 0.7) & (s < 1.3)).float().mean()
+        assert in_band > 0.9, (shape, in_band)
+        # Same singular vectors as the exact polar factor U V^T: high cosine similarity.
+        U, _, Vh = torch.linalg.svd(G, full_matrices=False)
+        polar = U @ Vh
+        cos = (X * polar).sum() / (X.norm() * polar.norm())
+        assert cos > 0.95
+
+
+def make_muon(params, **kw):
+    groups = [dict(kind="muon", params=params, lr=0.02, momentum=0.95, weight_decay=0.1)]
+    return MuonAdamW(groups, **kw)
+
+
+def test_muon_step_changes_weights_with_a_bounded_update():
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(16, 32) * 0.1) for _ in range(3)]
+    before = [p.detach().clone() for p in ps]
+    opt = make_muon(ps)
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    for p, b in zip(ps, before):
+        delta = (p - b)
+        assert delta.abs().sum() > 0
+        # The orthogonalised update has spectral norm ~1, so lr bounds the change.
+        assert torch.linalg.matrix_norm(delta, ord=2) < 0.02 * 1.5 + 0.02 * 0.1 * b.norm()
+
+
+@pytest.mark.parametrize("active_only", [True, False])
+def test_none_grad_params_and_state_untouched(active_only):
+    torch.manual_seed(0)
+    mats = [torch.nn.Parameter(torch.randn(16, 16)) for _ in range(4)]
+    scal = [torch.nn.Parameter(torch.randn(1)) for _ in range(4)]
+    opt = MuonAdamW([dict(kind="muon", params=mats, lr=0.02, momentum=0.95, weight_decay=0.1),
+                     dict(kind="adamw", params=scal, lr=0.1, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0)],
+                    active_only_stack=active_only)
+    # Step 1: everyone has grads, so everyone gets state.
+    for p in mats + scal:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    state_before = copy.deepcopy(opt.state_dict())
+    frozen = [mats[0], mats[1], scal[0], scal[1]]
+    values_before = [p.detach().clone() for p in frozen]
+    # Step 2: the first two of each group are frozen (grad None).
+    for p in mats + scal:
+        p.grad = None if any(p is f for f in frozen) else torch.randn_like(p)
+    opt.step()
+    for p, v in zip(frozen, values_before):
+        assert torch.equal(p, v)
+    state_after = opt.state_dict()
+    for idx in (0, 1, 4, 5):  # param indices of the frozen ones in the state dict
+        for k, v in state_before["state"][idx].items():
+            assert torch.equal(v, state_after["state"][idx][k]), (idx, k)
+    # The trained ones moved on.
+    assert not torch.equal(state_before["state"][2]["momentum_buffer"], state_after["state"][2]["momentum_buffer"])
+    assert state_after["state"][6]["step"].item() == 2
+
+
+def run_muon(active_only, chunk, grads_per_step):
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(8, 24)) for _ in range(5)]
+    opt = make_muon(ps, active_only_stack=active_only, stack_chunk_size=chunk)
+    for grads in grads_per_step:
+        for p, g in zip(ps, grads):
+            p.grad = None if g is None else g.clone()
+        opt.step()
+    return [p.detach().clone() for p in ps]
+
+
+def test_active_only_and_chunked_stacking_match_the_full_stack():
+    torch.manual_seed(1)
+    steps = []
+    for s in range(3):
+        steps.append([None if (s > 0 and i < s) else torch.randn(8, 24) for i in range(5)])
+    ref = run_muon(active_only=False, chunk=0, grads_per_step=steps)
+    for active_only, chunk in [(True, 0), (True, 2), (False, 3), (True, 8)]:
+        got = run_muon(active_only, chunk, steps)
+        for a, b in zip(ref, got):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_bad_groups_rejected():
+    with pytest.raises(ValueError, match="kind"):
+        MuonAdamW([dict(params=[torch.nn.Parameter(torch.randn(2))], lr=0.1)])
+    with pytest.raises(ValueError, match="one shape"):
+        make_muon([torch.nn.Parameter(torch.randn(4, 4)), torch.nn.Parameter(torch.randn(4, 8))])
