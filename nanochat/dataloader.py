@@ -59,6 +59,13 @@ def pack_rows(docs: list[list[int]], row_len: int) -> list[list[int]]:
     return rows
 
 
+def _describe(files: list[str]) -> str:
+    """File list for error messages: all of a short list, else the first few and a count."""
+    if len(files) <= 4:
+        return ", ".join(files)
+    return ", ".join(files[:3]) + f", ... ({len(files)} files)"
+
+
 def _validate_state(state: dict, rank: int, world_size: int, seq_len: int) -> dict:
     if not isinstance(state, dict) or any(k not in state for k in STATE_KEYS[:4]):
         raise ValueError(f"resume_state must be a dict with keys {list(STATE_KEYS)}, got {state!r}")
@@ -108,14 +115,14 @@ def build_loader(tokenizer, batch_size: int, seq_len: int, split: str, device="c
     num_rgs = [open_shard(p).num_row_groups for p in files]
     total_rgs = sum(num_rgs)
     if total_rgs <= rank:
-        raise DataError(f"the {split} split has {total_rgs} row groups in {files}, too few for "
+        raise DataError(f"the {split} split has {total_rgs} row groups in {_describe(files)}, too few for "
                         f"rank {rank} of {world_size} to get any")
     rg_base = [sum(num_rgs[:i]) for i in range(len(files))]  # counter of each shard's first rg
     if resume_state is not None:
         s0, r0 = resume_state["shard_idx"], resume_state["rg_idx"]
         if s0 >= len(files) or r0 >= num_rgs[s0]:
             raise ValueError(f"resume_state points at shard {s0} row group {r0}, beyond the "
-                             f"{split} files {files}; did the data directory change?")
+                             f"{split} files {_describe(files)}; did the data directory change?")
         if (rg_base[s0] + r0) % world_size != rank:
             raise ValueError(f"resume_state points at a row group of another rank "
                              f"(shard {s0}, row group {r0}); did the data directory change?")
@@ -181,7 +188,7 @@ def build_loader(tokenizer, batch_size: int, seq_len: int, split: str, device="c
                 if pos[0] != cur_epoch:
                     if cur_epoch is not None and epoch_rows == 0:
                         raise DataError(f"the {split} split yields no complete rows of {seq_len + 1} "
-                                        f"tokens for rank {rank} of {world_size} from {files} "
+                                        f"tokens for rank {rank} of {world_size} from {_describe(files)} "
                                         f"(too little text per row group?)")
                     cur_epoch, epoch_rows = pos[0], 0
                 epoch_rows += rows.shape[0]

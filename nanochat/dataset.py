@@ -22,6 +22,7 @@ CLI:
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import random
@@ -253,7 +254,7 @@ def _is_offline_error(e: BaseException) -> bool:
     """DNS failure or refused/unreachable connection: retrying will not help, say so at once."""
     reason = getattr(e, "reason", e)
     return isinstance(reason, (socket.gaierror, ConnectionRefusedError)) or (
-        isinstance(reason, OSError) and getattr(reason, "errno", None) in (101, 113))  # ENETUNREACH, EHOSTUNREACH
+        isinstance(reason, OSError) and getattr(reason, "errno", None) in (errno.ENETUNREACH, errno.EHOSTUNREACH))
 
 
 def download_shard(index: int, dest_dir: str, base_url: str, max_attempts: int = 5,
@@ -314,13 +315,14 @@ def download(num_train_shards: int, dataset: str = DEFAULT_DATASET, workers: int
     os.makedirs(d, exist_ok=True)
     val_index = spec["num_shards"] - 1
     meta = read_dataset_json(d)
-    if meta is not None and meta.get("dataset") != dataset:
+    has_shards = bool(list_parquet_files(d))
+    if meta is not None and meta.get("dataset") != dataset and has_shards:
         raise DataError(f"{os.path.join(d, DATASET_JSON)}: this directory holds dataset "
                         f"{meta.get('dataset')!r}, not {dataset!r}; use another NANOCHAT_BASE_DIR")
-    if meta is None:
-        if list_parquet_files(d):
-            raise DataError(f"{d}: already holds shards with no {DATASET_JSON} (a local corpus); "
-                            f"use another NANOCHAT_BASE_DIR for downloads")
+    if meta is None and has_shards:
+        raise DataError(f"{d}: already holds shards with no {DATASET_JSON} (a local corpus); "
+                        f"use another NANOCHAT_BASE_DIR for downloads")
+    if meta is None or meta.get("dataset") != dataset:  # fresh, or an empty dir labelled for another
         tmp = os.path.join(d, DATASET_JSON + ".tmp")
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump({"dataset": dataset, "val_shard": shard_name(val_index),

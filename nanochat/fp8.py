@@ -74,6 +74,9 @@ class Fp8Options:
             attr = "fp8" if f.name == "enabled" else f"fp8_{f.name}"
             if hasattr(args, attr):
                 kw[f.name] = getattr(args, attr)
+        for name in ("include_regex", "exclude_regex"):  # "" from a runner env var = unset
+            if kw.get(name) == "":
+                kw[name] = None
         return cls(**kw)
 
 
@@ -235,7 +238,7 @@ class _Fp8LinearFn(torch.autograd.Function):
     def backward(ctx, grad_out):
         x_fp8, x_inv, w_fp8, w_inv = ctx.saved_tensors
         mm = fp8_scaled_mm if ctx.use_custom_op else _traced_scaled_mm
-        g_fp8, g_inv = quantize_tensorwise(grad_out, E5M2)
+        g_fp8, g_inv = quantize_tensorwise(grad_out.contiguous(), E5M2)
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
             # second operand (N, K) must be column-major: transpose-copy of the row-major W.
@@ -258,9 +261,10 @@ class Float8Linear(nn.Linear):
     the input dtype. `self.fp8_enabled = False` (see `disable_fp8`) makes it a plain nn.Linear.
 
     Frozen-weight cache: `freeze_weight_cache(True)` quantizes the weight once and reuses the
-    e4m3 copy + scale on every forward until `freeze_weight_cache(False)`, or until the weight is
-    modified in place (`weight._version` changes: the stale cache is then ignored and rebuilt
-    on the next eager forward). Use it for layers the trainer has frozen for a while."""
+    e4m3 copy + scale on every forward until `freeze_weight_cache(False)`. If the weight is
+    modified in place meanwhile (`weight._version` changes), an eager forward rebuilds the
+    cache; compiled code cannot see `_version`, so call `refresh_fp8_weight_caches` after such
+    a change (see `_cached_weight`). Use it for layers the trainer has frozen for a while."""
 
     def __init__(self, in_features: int, out_features: int, *, fast_accum: bool = False,
                  weight_grad_bf16: bool = False, use_custom_op: bool = True, device=None, dtype=None):
@@ -269,7 +273,6 @@ class Float8Linear(nn.Linear):
         self.weight_grad_bf16 = weight_grad_bf16
         self.use_custom_op = use_custom_op
         self.fp8_enabled = True
-        self._cache_enabled = False
         self._w_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         self._w_cache_version = -1
 
@@ -291,21 +294,32 @@ class Float8Linear(nn.Linear):
         self._w_cache_version = self.weight._version
 
     def freeze_weight_cache(self, frozen: bool = True) -> None:
-        """Cache (frozen=True) or drop (False) the quantized weight. Call outside compiled code."""
-        self._cache_enabled = frozen
+        """Quantize the weight now and reuse it (frozen=True), or drop the cache (False).
+        Call from eager code (the trainer, at freeze/unfreeze time), not inside compiled code."""
         if frozen:
             self._refresh_weight_cache()
         else:
             self._w_cache, self._w_cache_version = None, -1
 
+    def weight_cache_is_stale(self) -> bool:
+        return self._w_cache is not None and self._w_cache_version != self.weight._version
+
     def _cached_weight(self):
-        if not self._cache_enabled:
+        """(w_fp8, w_inv) from the cache, or (None, None) to quantize on the fly.
+
+        Eager: a stale cache (weight modified in place since it was built) is rebuilt here.
+        Compiled: `weight._version` is not traceable (reading it graph-breaks, or fails under
+        fullgraph; guarding on its value would also give every block its own graph under
+        regional compilation), so compiled code trusts the cache. Whoever modifies a frozen
+        weight in place must call `refresh_fp8_weight_caches(model)` or `freeze_weight_cache`
+        afterwards; the eager path and that helper check `_version`."""
+        cache = self._w_cache
+        if cache is None:
             return None, None
-        if self._w_cache is None or self._w_cache_version != self.weight._version:
-            if torch.compiler.is_compiling():
-                return None, None  # stale: quantize on the fly (dynamo guards on _version)
+        if not torch.compiler.is_compiling() and self._w_cache_version != self.weight._version:
             self._refresh_weight_cache()
-        return self._w_cache
+            cache = self._w_cache
+        return cache
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fp8_enabled:
@@ -456,4 +470,16 @@ def set_fp8_weight_cache(model: nn.Module, frozen: bool, modules: list[nn.Module
             if isinstance(mod, Float8Linear):
                 mod.freeze_weight_cache(frozen)
                 n += 1
+    return n
+
+
+def refresh_fp8_weight_caches(model: nn.Module) -> int:
+    """Rebuild every frozen-weight cache whose weight changed in place since it was built
+    (checks `weight._version`; eager, cheap). Returns how many were rebuilt. Call it after
+    loading a checkpoint or any other in-place write to frozen weights when running compiled."""
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod, Float8Linear) and mod.weight_cache_is_stale():
+            mod._refresh_weight_cache()
+            n += 1
     return n

@@ -201,7 +201,7 @@ def muon_momentum(it: int) -> float:
 # Data
 # `consumed_state` is where the last *trained-on* batch ended: that is what a checkpoint stores,
 # because the batch already prefetched into (x, y) has not been used yet.
-consumed_state = meta["dataloader_state"] if resuming else None
+consumed_state = meta["dataloader_states"][rank] if resuming else None
 train_loader = build_loader(tokenizer, args.device_batch_size, args.max_seq_len, "train", device=device,
                             rank=rank, world_size=world_size, resume_state=consumed_state)
 x, y, loader_state = next(train_loader)
@@ -222,7 +222,16 @@ compile_sec = None
 peak_step_mem = []
 
 
-def checkpoint_meta() -> dict:
+def gather_loader_states() -> list:
+    """Each rank reads its own row groups, so every rank's loader position is saved."""
+    if not ddp:
+        return [consumed_state]
+    states = [None] * world_size
+    torch.distributed.all_gather_object(states, consumed_state)
+    return states
+
+
+def checkpoint_meta(loader_states: list) -> dict:
     return {
         "step": step,
         "args": user_config,
@@ -230,7 +239,7 @@ def checkpoint_meta() -> dict:
         "provenance": provenance,
         "total_batch_size": total_batch_size,
         "num_iterations": num_iterations,
-        "dataloader_state": consumed_state,
+        "dataloader_states": loader_states,
         "loop_state": {"smooth_loss": smooth_loss, "min_val_bpb": min_val_bpb, "val_bpb": val_bpb,
                        "total_training_time": total_training_time},
         "rng": {"cpu": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()},
@@ -255,7 +264,8 @@ while True:
 
     # --- checkpoint -----------------------------------------------------------
     if last_step or (step > first_step and args.save_every > 0 and step % args.save_every == 0):
-        save_checkpoint(checkpoint_dir, step, model.state_dict(), optimizer.state_dict(), checkpoint_meta(),
+        save_checkpoint(checkpoint_dir, step, model.state_dict(), optimizer.state_dict(),
+                        checkpoint_meta(gather_loader_states()),
                         rank=rank, world_size=world_size, barrier=barrier)
         print0(f"saved checkpoint step {step} to {checkpoint_dir}")
 

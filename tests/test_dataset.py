@@ -146,5 +146,10 @@ def test_download_verifies_before_rename(tmp_path, monkeypatch):
 
 def test_mixing_datasets_refused(tmp_path):
     (tmp_path / "dataset.json").write_text(json.dumps({"dataset": "climbmix", "val_shard": "shard_06542.parquet"}))
-    with pytest.raises(DataError, match="climbmix"):
+    # no shards yet: switching dataset just relabels the directory (then fails offline)
+    with pytest.raises(DownloadError):
         download(1, "fineweb-edu", dest_dir=str(tmp_path), base_url="http://127.0.0.1:9", max_attempts=1)
+    assert json.loads((tmp_path / "dataset.json").read_text())["val_shard"] == "shard_01822.parquet"
+    make_shards(tmp_path, [0])
+    with pytest.raises(DataError, match="fineweb-edu"):
+        download(1, "climbmix", dest_dir=str(tmp_path), base_url="http://127.0.0.1:9", max_attempts=1)

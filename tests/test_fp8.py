@@ -11,7 +11,8 @@ import torch.nn as nn
 
 from nanochat import fp8
 from nanochat.fp8 import (Float8Linear, Fp8Options, check_fp8_hardware, convert_to_fp8,
-                          disable_fp8, fp8_filter, quantize_tensorwise, set_fp8_weight_cache,
+                          disable_fp8, fp8_filter, quantize_tensorwise, refresh_fp8_weight_caches,
+                          set_fp8_weight_cache,
                           validate_fp8_options)
 
 ON = dict(enabled=True)
@@ -324,16 +325,22 @@ def test_compiled_training_step_runs_fp8_kernel(traced):
 
 
 def test_compiled_forward_with_weight_cache():
+    """fullgraph=True: the cached path must not graph-break (no `_version` read under compile)."""
     torch._dynamo.reset()
     f = Float8Linear.from_linear(nn.Linear(128, 64, bias=False), Fp8Options(**ON))
     x = torch.randn(32, 128)
     ref = f(x)
     f.freeze_weight_cache(True)
-    cf = torch.compile(f)
-    torch.testing.assert_close(cf(x), ref, rtol=0, atol=0)
+    cf = torch.compile(f, fullgraph=True)
     with torch.no_grad():
-        f.weight.mul_(2.0)  # stale cache must not be used, compiled or not
-    torch.testing.assert_close(cf(x), 2 * ref, rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(cf(x), ref, rtol=0, atol=0)
+        f.weight.mul_(2.0)  # e.g. a checkpoint load into a frozen layer
+        assert f.weight_cache_is_stale()
+        assert refresh_fp8_weight_caches(f) == 1 and not f.weight_cache_is_stale()
+        torch.testing.assert_close(cf(x), 2 * ref, rtol=1e-2, atol=1e-2)
+        w8, inv = f._w_cache
+        f._w_cache = (torch.zeros_like(w8), inv)  # the compiled graph really reads the cache
+        assert (cf(x) == 0).all()
     torch._dynamo.reset()
 
 
