@@ -59,7 +59,7 @@ if [[ "$has_gpu" == 1 ]]; then
 else
   # CPU: a config that trains visibly in a few minutes on 2 cores.
   : "${DEPTH:=4}" "${MAX_SEQ_LEN:=256}" "${DEVICE_BATCH_SIZE:=8}" "${TOTAL_BATCH_SIZE:=4096}"
-  : "${NUM_ITERATIONS:=150}" "${EVAL_EVERY:=50}" "${EVAL_TOKENS:=32768}" "${WINDOW_PATTERN:=L}"
+  : "${NUM_ITERATIONS:=300}" "${EVAL_EVERY:=100}" "${EVAL_TOKENS:=32768}" "${WINDOW_PATTERN:=L}"
   : "${ASPECT_RATIO:=32}" "${HEAD_DIM:=64}" "${TOK_VOCAB_SIZE:=4096}" "${TOK_MAX_CHARS:=20000000}"
   DEVICE_ARGS=(--device-type=cpu --no-compile)
 fi

@@ -130,7 +130,9 @@ if not args.no_compile:
         print0("note: compiling on CPU is slow to start; pass --no-compile for quick CPU runs")
     import torch._dynamo
     # Fail loudly instead of silently falling back to eager if something recompiles too often.
-    torch._dynamo.config.recompile_limit = 64
+    for knob in ("recompile_limit", "cache_size_limit"):  # name differs across torch versions
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, 64)
     if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
         torch._dynamo.config.fail_on_recompile_limit_hit = True
     model.compile_regions(dynamic=False)
@@ -333,9 +335,10 @@ while True:
 # -----------------------------------------------------------------------------
 # Summary
 steady = step - first_step - 1
+steady_tok = steady * total_batch_size / total_training_time if total_training_time > 0 else float("nan")
+peak_mem = f"{max(peak_step_mem or [0]):,.0f}MiB" if device_type == "cuda" else "n/a (cpu)"
 print0(f"done: {step - first_step} steps | training time {total_training_time:.1f}s excluding first step "
-       f"({compile_sec or 0:.1f}s incl. compile) | steady tok/s "
-       f"{(steady * total_batch_size / total_training_time) if total_training_time > 0 else float('nan'):,.0f} | "
-       f"peak memory {max(peak_step_mem or [0]):,.0f}MiB | min val bpb {min_val_bpb:.4f}")
+       f"({compile_sec or 0:.1f}s incl. compile) | steady tok/s {steady_tok:,.0f} | peak memory {peak_mem} | "
+       f"min val bpb " + (f"{min_val_bpb:.4f}" if math.isfinite(min_val_bpb) else "n/a (no eval)"))
 wandb_run.finish()
 compute_cleanup()
