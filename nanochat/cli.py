@@ -15,7 +15,10 @@ import argparse
 import re
 import sys
 
+from nanochat.dynamic_suffix import DynamicSuffixConfig
 from nanochat.gpt import validate_window_pattern
+
+_DYN = DynamicSuffixConfig()  # the controller's defaults are the flags' defaults
 
 # Defaults tuned at d12 / 2^19-token batches by nanochat; base_train rescales the learning rates
 # and weight decay for other batch sizes and horizons.
@@ -61,6 +64,29 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmdown-ratio", type=float, default=0.4, help="fraction of steps for the final linear LR warmdown")
     g.add_argument("--final-lr-frac", type=float, default=0.0, help="final LR as a fraction of the initial LR")
     g.add_argument("--resume-from-step", type=int, default=-1, help="resume from the checkpoint of this step (-1 = start fresh)")
+    g = p.add_argument_group("block-update schedule (dynamic suffix; see nanochat/dynamic_suffix.py)")
+    g.add_argument("--block-update-schedule", type=str, default="full_update", choices=["full_update", "dynamic_suffix"],
+                   help="full_update trains every block each step; dynamic_suffix trains only a relevance-chosen suffix of blocks on most steps")
+    g.add_argument("--dyn-warmup-steps", type=int, default=_DYN.warmup_steps, help="full-update steps at the start")
+    g.add_argument("--dyn-probe-every", type=int, default=_DYN.probe_every,
+                   help="a full-update probe step (measures relevance, re-chooses the suffix) every N steps (<= 0 disables)")
+    g.add_argument("--dyn-refresh-every", type=int, default=_DYN.refresh_every,
+                   help="a full-update refresh step every N steps, so the frozen prefix never goes stale (<= 0 disables)")
+    g.add_argument("--dyn-relevance-metric", type=str, default=_DYN.relevance_metric, choices=["grad_ratio", "saliency_abs_gp"],
+                   help="per-block relevance: grad_ratio = |g|/(|W|+eps); saliency_abs_gp = sum |g*W|")
+    g.add_argument("--dyn-relevance-threshold", type=float, default=_DYN.relevance_threshold,
+                   help="train the smallest top-down suffix whose share of the relevance EMA reaches this, in (0, 1]")
+    g.add_argument("--dyn-min-active-layers", type=int, default=_DYN.min_active_layers, help="floor on the number of trained blocks")
+    g.add_argument("--dyn-max-active-layers", type=int, default=_DYN.max_active_layers,
+                   help="cap on the number of trained blocks (0 = no cap); the log says how often it binds")
+    g.add_argument("--dyn-freeze-start-step", type=int, default=_DYN.freeze_start_step,
+                   help="first step that may freeze a prefix (-1 = use --dyn-freeze-start-frac)")
+    g.add_argument("--dyn-freeze-start-frac", type=float, default=_DYN.freeze_start_frac,
+                   help="freeze start as a fraction of the steps (used when --dyn-freeze-start-step is -1)")
+    g.add_argument("--dyn-ema-decay", type=float, default=_DYN.ema_decay, help="decay of the per-block relevance EMA, in [0, 1)")
+    g.add_argument("--dyn-eps", type=float, default=_DYN.eps, help="denominator guard of grad_ratio (> 0)")
+    g.add_argument("--dyn-log-every", type=int, default=_DYN.log_every,
+                   help="print the controller's line (active suffix, cap/floor binding, relevance) every N steps (<= 0 disables)")
     g = p.add_argument_group("muon optimizer")
     g.add_argument("--muon-active-only-stack", action="store_true",
                    help="orthogonalise only matrices that have gradients (frozen blocks are skipped instead of stacked as zeros)")
@@ -116,6 +142,12 @@ def validate_args(args: argparse.Namespace) -> list[str]:
     need(args.warmup_ratio + args.warmdown_ratio <= 1,
          f"--warmup-ratio ({args.warmup_ratio}) + --warmdown-ratio ({args.warmdown_ratio}) must not exceed 1")
     need(args.resume_from_step == -1 or args.resume_from_step >= 0, f"--resume-from-step={args.resume_from_step} must be >= 0 or -1")
+    if args.block_update_schedule == "dynamic_suffix":
+        problems += DynamicSuffixConfig.from_args(args).validate(args.depth)
+    else:
+        changed = [f"--{a.dest.replace('_', '-')}" for a in build_parser()._actions
+                   if a.dest.startswith("dyn_") and getattr(args, a.dest) != a.default]
+        need(not changed, f"{', '.join(changed)} only apply with --block-update-schedule=dynamic_suffix")
     need(args.muon_stack_chunk_size >= 0, f"--muon-stack-chunk-size={args.muon_stack_chunk_size} must be >= 0 (0 = no chunking)")
     need(args.lm_ce_chunk_size >= 1, f"--lm-ce-chunk-size={args.lm_ce_chunk_size} must be >= 1")
     need(args.eval_every == -1 or args.eval_every >= 1, f"--eval-every={args.eval_every} must be >= 1 or -1 (disabled)")

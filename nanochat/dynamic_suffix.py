@@ -77,16 +77,14 @@ On a suffix step with ``active_start = a``:
   the optimizer must skip such parameters rather than treat them as zero gradients: with momentum
   a zero gradient still moves the weights (``m = beta*m + 0`` keeps pushing) and weight decay still
   shrinks them, which is how the seed system's "frozen" layers kept moving.
-* The prefix entries ``[0, a)`` of the per-layer scalar vectors (``resid_lambdas``, ``x0_lambdas``)
-  are frozen the same way: their gradient entries are zero (the prefix used them under
-  ``no_grad``), but a zero gradient is not "no update" for AdamW, so the trainer masks the update
-  of those entries and keeps their ``exp_avg``/``exp_avg_sq`` entries unchanged
-  (``prefix_mask(a, n_layer)`` gives the boolean mask). The vector's shared AdamW step counter
-  still advances, because it is one counter for the whole tensor.
-* The token embedding, the lm_head and the suffix entries of the scalar vectors still train. The
+* The per-layer scalars (``resid_lambda``, ``x0_lambda``) are parameters *of each block* in
+  ``nanochat/gpt.py`` (not one vector for the whole model), so a prefix block's scalars get
+  ``.grad = None`` like its matrices and are skipped by the optimizer the same way, step counter
+  included. (``prefix_mask`` remains for models that keep the scalars in one vector.)
+* The token embedding, the lm_head and the suffix blocks' scalars still train. The
   lm_head sits after the suffix, so it always has a gradient. The embedding is reached although
   the residual stream is detached at the suffix boundary: every block mixes in the embedded input
-  through the skip ``x = resid_lambdas[i] * x + x0_lambdas[i] * x0``, so each suffix block carries a
+  through the skip ``x = resid_lambda * x + x0_lambda * x0``, so each suffix block carries a
   gradient back to ``x0`` and hence to ``wte``. (Its gradient is therefore smaller than on a full
   step: only the suffix blocks' x0 paths contribute. That is the intended approximation.)
 

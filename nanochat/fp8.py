@@ -146,6 +146,8 @@ def fp8_filter(module: nn.Module, fqn: str, opts: Fp8Options) -> tuple[bool, str
     """(convert?, reason). The one rule both backends use; reasons are shown by --fp8-log-modules."""
     if not isinstance(module, nn.Linear):
         return False, "not an nn.Linear"
+    if opts.backend == "custom" and module.bias is not None:
+        return False, "has a bias (the custom backend converts bias-free linears only)"
     n_in, n_out = module.in_features, module.out_features
     if n_in % 16 or n_out % 16:
         return False, f"dims {n_in}x{n_out} not divisible by 16 (_scaled_mm needs it)"

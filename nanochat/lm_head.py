@@ -126,6 +126,28 @@ def _chunk_targets(tc, ignore_index):
     return valid, safe
 
 
+def _iota(logits):
+    """(1, V) column indices on logits' device."""
+    return torch.arange(logits.shape[1], device=logits.device).unsqueeze(0)
+
+
+def _chunk_row_loss(logits, valid, safe):
+    """(logsumexp (C,), per-row loss (C,) with 0 at ignored rows) of one chunk's capped logits.
+
+    Under torch.compile the target logit is picked with a masked row sum instead of gather: both
+    are reductions over the chunk that inductor computes in one kernel right after the chunk's
+    matmul. With gather, inductor inlined the pick into the final torch.cat of the losses and kept
+    every chunk's logits buffers alive until the end (12 GiB measured at d12 on an H100). Same
+    value exactly: the sum has one nonzero term.
+    """
+    lse = torch.logsumexp(logits, dim=1)
+    if torch.compiler.is_compiling():
+        picked = torch.where(_iota(logits) == safe, logits, torch.zeros_like(logits)).sum(1)
+    else:
+        picked = logits.gather(1, safe).squeeze(1)
+    return lse, torch.where(valid, lse - picked, torch.zeros_like(lse))
+
+
 def _grad_logits(logits, th, lse, safe, row_scale, dtype):
     """d loss / d (pre-softcap logits) for one chunk, cast to the matmul dtype.
 
@@ -134,7 +156,12 @@ def _grad_logits(logits, th, lse, safe, row_scale, dtype):
     or the per-row grad_output for 'none'). Returns (C, V) in ``dtype``.
     """
     g = torch.exp(logits - lse.unsqueeze(1))  # softmax
-    g = g.scatter_add(1, safe, torch.full_like(safe, -1, dtype=g.dtype))  # - onehot
+    if torch.compiler.is_compiling():
+        # iota compare fuses into the surrounding pointwise kernel; inductor lowers scatter_add
+        # as a copy of the whole (C, V) fp32 tensor plus a scatter kernel
+        g = g - (_iota(g) == safe).to(g.dtype)
+    else:
+        g = g.scatter_add(1, safe, torch.full_like(safe, -1, dtype=g.dtype))  # - onehot
     g = g * row_scale.unsqueeze(1)
     if th is not None:
         g = g * (1.0 - th * th)  # d(softcap * tanh(z / softcap)) / dz
@@ -153,9 +180,7 @@ def _chunked_forward_only(x2, weight, t1, softcap, chunk_size, reduction, ignore
     for s, e in _chunk_bounds(x2.shape[0], chunk_size):
         logits, _ = _chunk_logits(x2[s:e], weight, softcap)
         valid, safe = _chunk_targets(t1[s:e], ignore_index)
-        lse = torch.logsumexp(logits, dim=1)
-        picked = logits.gather(1, safe).squeeze(1)
-        losses.append(torch.where(valid, lse - picked, torch.zeros_like(lse)))
+        losses.append(_chunk_row_loss(logits, valid, safe)[1])
     return _reduce(torch.cat(losses), n_valid, reduction)
 
 
@@ -181,9 +206,8 @@ class _ChunkedCEScalar(torch.autograd.Function):
             xc = x2[s:e]
             logits, th = _chunk_logits(xc, weight, softcap)
             valid, safe = _chunk_targets(t1[s:e], ignore_index)
-            lse = torch.logsumexp(logits, dim=1)
-            picked = logits.gather(1, safe).squeeze(1)
-            losses.append(torch.where(valid, lse - picked, torch.zeros_like(lse)))
+            lse, row_loss = _chunk_row_loss(logits, valid, safe)
+            losses.append(row_loss)
             if need_dx or need_dw:
                 row_scale = valid.to(acc) * scale
                 gz = _grad_logits(logits, th, lse, safe, row_scale, x2.dtype)  # (C, V)
@@ -221,9 +245,8 @@ class _ChunkedCENone(torch.autograd.Function):
         for s, e in _chunk_bounds(x2.shape[0], chunk_size):
             logits, _ = _chunk_logits(x2[s:e], weight, softcap)
             valid, safe = _chunk_targets(t1[s:e], ignore_index)
-            lse = torch.logsumexp(logits, dim=1)
-            picked = logits.gather(1, safe).squeeze(1)
-            losses.append(torch.where(valid, lse - picked, torch.zeros_like(lse)))
+            lse, row_loss = _chunk_row_loss(logits, valid, safe)
+            losses.append(row_loss)
             lses.append(lse)
         ctx.save_for_backward(x2, weight, t1, torch.cat(lses))
         ctx.softcap, ctx.chunk_size, ctx.ignore_index = softcap, chunk_size, ignore_index

@@ -38,6 +38,7 @@ from nanochat.checkpoint import (CheckpointError, check_state_dict_keys, diff_mo
 from nanochat.common import (UsageError, autodetect_device_type, compute_cleanup, compute_init,  # noqa: E402
                              get_base_dir, get_dist_info, get_peak_flops, init_wandb, print0, run_provenance)
 from nanochat.dataloader import build_loader  # noqa: E402
+from nanochat.dynamic_suffix import DynamicSuffixConfig, DynamicSuffixController  # noqa: E402
 from nanochat.evaluation import evaluate_bpb  # noqa: E402
 from nanochat.gpt import GPT, GPTConfig  # noqa: E402
 from nanochat.optim import MuonAdamW  # noqa: E402
@@ -200,6 +201,15 @@ def muon_momentum(it: int) -> float:
 
 
 # -----------------------------------------------------------------------------
+# Block-update schedule: None = every block trains every step.
+dyn = None
+if args.block_update_schedule == "dynamic_suffix":
+    dyn = DynamicSuffixController(DynamicSuffixConfig.from_args(args), model_config.n_layer, num_iterations)
+    if resuming:
+        dyn.load_state_dict(meta["dynamic_suffix"])
+    print0(f"dynamic_suffix: {json.dumps(dyn.config.to_dict())}")
+
+# -----------------------------------------------------------------------------
 # Data
 # `consumed_state` is where the last *trained-on* batch ended: that is what a checkpoint stores,
 # because the batch already prefetched into (x, y) has not been used yet.
@@ -244,6 +254,7 @@ def checkpoint_meta(loader_states: list) -> dict:
         "dataloader_states": loader_states,
         "loop_state": {"smooth_loss": smooth_loss, "min_val_bpb": min_val_bpb, "val_bpb": val_bpb,
                        "total_training_time": total_training_time},
+        "dynamic_suffix": dyn.state_dict() if dyn else None,
         "rng": {"cpu": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()},
     }
 
@@ -279,10 +290,11 @@ while True:
     if device_type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
+    active_start = dyn.active_start(step) if dyn else 0
     loss_sum = torch.zeros((), device=device)
     for micro_step in range(grad_accum_steps):
         with autocast_ctx:
-            loss = model(x, y)
+            loss = model(x, y, active_start=active_start)
         loss_sum += loss.detach()
         (loss / grad_accum_steps).backward()
         consumed_state = loader_state
@@ -294,6 +306,13 @@ while True:
                f"The last saved checkpoint is untouched.")
         compute_cleanup()
         sys.exit(1)
+    scores = None
+    if dyn and dyn.is_full_step(step):
+        # Relevance from the live gradients (before the optimizer step and zero_grad), on device.
+        scores = dyn.block_scores(model.block_params())
+        if ddp:  # ranks must agree on the next active_start: average their local measurements
+            torch.distributed.all_reduce(scores)
+            scores /= world_size
     lrm = lr_multiplier(step)
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] * lrm
@@ -301,6 +320,10 @@ while True:
             group["momentum"] = muon_momentum(step)
     optimizer.step()
     model.zero_grad(set_to_none=True)
+    if scores is not None:
+        dyn.update(step, scores)  # one host sync, after the optimizer work has been queued
+        for w in dyn.pop_warnings():
+            print0(f"dynamic_suffix warning: {w}")
     synchronize()
     dt = time.time() - t0
 
@@ -315,11 +338,16 @@ while True:
     smooth_loss = 0.9 * smooth_loss + 0.1 * train_loss
     debiased = smooth_loss / (1 - 0.9 ** (step + 1))
     tok_per_sec = total_batch_size / dt
-    mfu = f" | mfu {100 * flops_per_token * tok_per_sec / (peak_flops * world_size):.1f}%" if peak_flops else ""
+    # MFU counts the work done: a frozen prefix does forward-only FLOPs.
+    step_flops = model.estimate_flops(active_start) if active_start else flops_per_token
+    mfu = f" | mfu {100 * step_flops * tok_per_sec / (peak_flops * world_size):.1f}%" if peak_flops else ""
+    active = f" | active {model_config.n_layer - active_start}/{model_config.n_layer}" if dyn else ""
     done = step - first_step
     eta = f"{(num_iterations - step - 1) * total_training_time / done / 60:.1f}m" if done > 0 else "-"
     print0(f"step {step:05d}/{num_iterations} | loss {debiased:.4f} | lrm {lrm:.2f} | dt {dt * 1000:.1f}ms | "
-           f"tok/s {tok_per_sec:,.0f}{mfu}{mem} | eta {eta}")
+           f"tok/s {tok_per_sec:,.0f}{mfu}{mem}{active} | eta {eta}")
+    if dyn and (line := dyn.log_line(step)):
+        print0(line)
     if step % 100 == 0:
         wandb_run.log({"step": step, "train/loss": debiased, "train/lrm": lrm, "train/tok_per_sec": tok_per_sec})
     step += 1
@@ -340,5 +368,7 @@ peak_mem = f"{max(peak_step_mem or [0]):,.0f}MiB" if device_type == "cuda" else 
 print0(f"done: {step - first_step} steps | training time {total_training_time:.1f}s excluding first step "
        f"({compile_sec or 0:.1f}s incl. compile) | steady tok/s {steady_tok:,.0f} | peak memory {peak_mem} | "
        f"min val bpb " + (f"{min_val_bpb:.4f}" if math.isfinite(min_val_bpb) else "n/a (no eval)"))
+if dyn:
+    print0(f"dynamic_suffix stats: {json.dumps(dyn.stats())}")
 wandb_run.finish()
 compute_cleanup()

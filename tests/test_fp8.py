@@ -68,11 +68,11 @@ class TinyGPT(nn.Module):
         return self.lm_head(x)
 
 
-def _tiny(seed=0, **kw):
+def _tiny(seed=0, std=0.05, **kw):
     torch.manual_seed(seed)
     m = TinyGPT(**kw)
     for p in m.parameters():
-        nn.init.normal_(p, std=0.05)
+        nn.init.normal_(p, std=std)
     return m
 
 
@@ -161,6 +161,8 @@ def test_quantize_zero_and_saturation_are_finite():
 def test_filter_decisions():
     opts = Fp8Options(**ON, min_dim=64)
     assert fp8_filter(nn.Conv1d(16, 16, 1), "x", opts)[0] is False
+    assert fp8_filter(nn.Linear(128, 128), "x", opts)[0] is False  # bias: custom can't
+    assert fp8_filter(nn.Linear(128, 128), "x", Fp8Options(**ON, backend="torchao"))[0] is True
     assert fp8_filter(nn.Linear(128, 100, bias=False), "x", opts) == (
         False, "dims 128x100 not divisible by 16 (_scaled_mm needs it)")
     assert fp8_filter(nn.Linear(128, 32, bias=False), "x", opts)[0] is False  # min dim
@@ -402,12 +404,19 @@ def _needs_fp8_gpu():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("traced", [False, True], ids=["custom_op", "no_allow_in_graph"])
-def test_gpu_compiled_model_under_autocast(traced):
+def test_gpu_compiled_model_under_autocast(traced, monkeypatch):
     """cuBLASLt layout rules (row-major x col-major, dims % 16) hold for all three GEMMs, with
-    T = 50 forcing the token padding; compiled == eager; no NaN."""
+    T = 50 forcing the token padding; compiled FP8 == eager FP8; FP8 ~ bf16; no NaN.
+
+    Compiled vs eager under bf16 autocast: inductor skips the bf16 rounding of intermediates
+    that feed a quantization (fp32 -> bf16 -> fp32 is elided), so the amax and therefore every
+    FP8 rounding decision can differ: measured ~4 % apart, i.e. independent FP8 noise, not a
+    bug. `emulate_precision_casts` keeps those roundings, making compiled == eager testable."""
     _needs_fp8_gpu()
+    import torch._inductor.config as inductor_config
+    monkeypatch.setattr(inductor_config, "emulate_precision_casts", True)
     torch._dynamo.reset()
-    m = _tiny(d=256, kv=128).cuda()
+    m = _tiny(d=256, kv=128, std=0.02).cuda()
     convert_to_fp8(m, Fp8Options(**ON, min_dim=128, no_allow_in_graph=traced, fast_accum=True))
     x = torch.randn(4, 50, 256, device="cuda", requires_grad=True)
 
@@ -418,18 +427,19 @@ def test_gpu_compiled_model_under_autocast(traced):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             y = model(x)
         y.float().square().mean().backward()
-        return y.detach(), [p.grad for p in model.parameters()] + [x.grad]
+        return y.detach(), [p.grad.clone() for p in model.parameters()] + [x.grad.clone()]
 
     y_e, g_e = step(m)
     assert y_e.dtype == torch.bfloat16
     before = fp8.KERNEL_CALLS["scaled_mm"]
     y_c, g_c = step(torch.compile(m))
     assert (fp8.KERNEL_CALLS["scaled_mm"] - before > 0) != traced
-    assert rel_err(y_c, y_e) < 1e-2
-    for a, b in zip(g_c, g_e):
-        assert torch.isfinite(a).all() and rel_err(a, b) < 2e-2
     with disable_fp8(m):
-        _, g_bf16 = step(m)
-    for a, b in zip(g_e, g_bf16):
-        assert rel_err(a, b) < 0.15  # FP8 vs bf16 gradients of the whole tiny model
+        y_b, g_b = step(m)
+    errs = [rel_err(y_c, y_e)] + [rel_err(a, b) for a, b in zip(g_c, g_e)]
+    vs_bf16 = [rel_err(y_e, y_b)] + [rel_err(a, b) for a, b in zip(g_e, g_b)]
+    print(f"compiled vs eager max {max(errs):.4f}; fp8 vs bf16 max {max(vs_bf16):.4f}")
+    assert all(torch.isfinite(g).all() for g in g_c)
+    assert max(errs) < 1e-2
+    assert max(vs_bf16) < 0.15
     torch._dynamo.reset()

@@ -83,3 +83,31 @@ def test_missing_tokenizer_is_a_clear_error(tmp_path):
     out = run(["-m", "scripts.base_train", *TINY, "--num-iterations=2"], tmp_path, check=False)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "tok_train" in out.stderr
+
+
+DYN = ["--block-update-schedule=dynamic_suffix", "--dyn-warmup-steps=2", "--dyn-probe-every=3",
+       "--dyn-refresh-every=-1", "--dyn-relevance-threshold=0.5", "--dyn-log-every=1"]
+
+
+def test_dynamic_suffix_trains_a_suffix_and_resumes_exactly(trained_base):
+    """Suffix steps really freeze a prefix, and resume restores the controller (2N vs N + N)."""
+    n = 6
+    tiny = [a if not a.startswith("--depth") else "--depth=4" for a in TINY]
+    straight = run(["-m", "scripts.base_train", *tiny, *DYN, f"--num-iterations={2 * n}", f"--save-every={n}",
+                    "--eval-every=-1", "--model-tag=dynparity"], trained_base)
+    active = [int(a) for a in re.findall(r"^step \d+/\d+ .*\| active (\d+)/4", straight.stdout, re.M)]
+    assert len(active) == 2 * n and min(active) < 4, active  # some steps trained only a suffix
+    assert "dynamic_suffix stats:" in straight.stdout
+    resumed = run(["-m", "scripts.base_train", *tiny, *DYN, f"--num-iterations={2 * n}", f"--resume-from-step={n}",
+                   "--eval-every=-1", "--model-tag=dynparity"], trained_base)
+    a, b = losses(straight.stdout), losses(resumed.stdout)
+    assert {k: a[k] for k in b} == b and len(b) == n
+    assert active[n:] == [int(x) for x in re.findall(r"^step \d+/\d+ .*\| active (\d+)/4", resumed.stdout, re.M)]
+
+
+def test_dyn_flags_without_the_schedule_are_rejected(trained_base):
+    out = run(["-m", "scripts.base_train", *TINY, "--num-iterations=2", "--dyn-probe-every=5"], trained_base, check=False)
+    assert out.returncode == 2 and "--dyn-probe-every" in out.stderr and "dynamic_suffix" in out.stderr
+    out = run(["-m", "scripts.base_train", *TINY, "--num-iterations=2", "--block-update-schedule=dynamic_suffix",
+               "--dyn-min-active-layers=3", "--dyn-max-active-layers=2"], trained_base, check=False)
+    assert out.returncode == 2 and "--dyn-min-active-layers" in out.stderr and "Traceback" not in out.stderr
