@@ -90,6 +90,20 @@ int_opt EVAL_EVERY --eval-every
 int_opt EVAL_TOKENS --eval-tokens
 int_opt SAVE_EVERY --save-every
 int_opt SEED --seed
+# Dynamic suffix
+choice_opt BLOCK_UPDATE_SCHEDULE --block-update-schedule "full_update dynamic_suffix"
+int_opt DYN_WARMUP_STEPS --dyn-warmup-steps
+int_opt DYN_PROBE_EVERY --dyn-probe-every
+int_opt DYN_REFRESH_EVERY --dyn-refresh-every
+choice_opt DYN_RELEVANCE_METRIC --dyn-relevance-metric "grad_ratio saliency_abs_gp"
+num_opt DYN_RELEVANCE_THRESHOLD --dyn-relevance-threshold
+int_opt DYN_MIN_ACTIVE_LAYERS --dyn-min-active-layers
+int_opt DYN_MAX_ACTIVE_LAYERS --dyn-max-active-layers
+int_opt DYN_FREEZE_START_STEP --dyn-freeze-start-step
+num_opt DYN_FREEZE_START_FRAC --dyn-freeze-start-frac
+num_opt DYN_EMA_DECAY --dyn-ema-decay
+num_opt DYN_EPS --dyn-eps
+int_opt DYN_LOG_EVERY --dyn-log-every
 # Muon
 flag MUON_ACTIVE_ONLY_STACK --muon-active-only-stack
 int_opt MUON_STACK_CHUNK_SIZE --muon-stack-chunk-size

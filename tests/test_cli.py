@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from nanochat.cli import build_parser, feature_flags_doc, runner_env_mapping, validate_args
+from nanochat.cli import feature_flags_doc, runner_env_mapping
+from scripts.base_train import build_parser, validate_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNER = os.path.join(ROOT, "runs", "speedrun_small.sh")
