@@ -1,0 +1,127 @@
+"""Time one training step of the real model on random tokens, for several variants in ONE process.
+
+    python -m scripts.bench_step --depth=12 --max-seq-len=1024 --device-batch-size=32
+    python -m scripts.bench_step --active-starts=0,3,6,9 --compile=regional,whole --profile
+
+For each (compile mode, active_start) it reports compile time of the first call, the median step
+time over --steps timed steps (after --warmup), tok/s and peak memory; with --profile it also
+prints the top CUDA kernels of a full step. Steps include the optimizer (MuonAdamW), as in
+training. Prefix-freezing ratios are reported against active_start=0 of the same compile mode.
+"""
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+import torch._dynamo
+
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.optim import MuonAdamW
+
+
+def parse():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--depth", type=int, default=12)
+    p.add_argument("--aspect-ratio", type=int, default=64)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--max-seq-len", type=int, default=1024)
+    p.add_argument("--device-batch-size", type=int, default=32)
+    p.add_argument("--vocab-size", type=int, default=32768)
+    p.add_argument("--window-pattern", type=str, default="L")
+    p.add_argument("--attn-backend", type=str, default="sdpa")
+    p.add_argument("--lm-ce-backend", type=str, default="baseline")
+    p.add_argument("--active-starts", type=str, default="0", help="comma-separated active_start values")
+    p.add_argument("--compile", type=str, default="regional", help="comma-separated: regional, whole, none")
+    p.add_argument("--muon-active-only-stack", action="store_true")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one full step")
+    return p.parse_args()
+
+
+def build(args, device):
+    dim = ((args.depth * args.aspect_ratio + args.head_dim - 1) // args.head_dim) * args.head_dim
+    cfg = GPTConfig(sequence_len=args.max_seq_len, vocab_size=args.vocab_size, n_layer=args.depth,
+                    n_head=dim // args.head_dim, n_kv_head=dim // args.head_dim, n_embd=dim,
+                    window_pattern=args.window_pattern)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model.to_empty(device=device)
+    model.init_weights()
+    model.compute_dtype = torch.bfloat16
+    model.attn_backend = args.attn_backend
+    model.lm_ce_backend = args.lm_ce_backend
+    opt = MuonAdamW(model.param_groups(unembedding_lr=0.001, embedding_lr=0.07, matrix_lr=0.005, scalar_lr=0.1,
+                                       weight_decay=0.05), active_only_stack=args.muon_active_only_stack,
+                    compile_orthogonalize=True)
+    return model, opt
+
+
+def main():
+    args = parse()
+    if not torch.cuda.is_available():
+        print("bench_step: needs a CUDA GPU", file=sys.stderr)
+        sys.exit(2)
+    device = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    for knob in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, 64)
+    B, T = args.device_batch_size, args.max_seq_len
+    x = torch.randint(0, args.vocab_size, (B, T), device=device)
+    y = torch.randint(0, args.vocab_size, (B, T), device=device)
+    rows = []
+    for mode in args.compile.split(","):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model, opt = build(args, device)
+        fwd = model
+        if mode == "regional":
+            model.compile_regions(dynamic=False)
+        elif mode == "whole":
+            fwd = torch.compile(model, dynamic=False)
+        base = None
+        for a in [int(s) for s in args.active_starts.split(",")]:
+            def step():
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = fwd(x, y, active_start=a)
+                loss.backward()
+                opt.step()
+                model.zero_grad(set_to_none=True)
+                return loss
+            torch.cuda.synchronize()
+            t0 = time.time()
+            step()
+            torch.cuda.synchronize()
+            first = time.time() - t0
+            for _ in range(args.warmup):
+                step()
+            torch.cuda.reset_peak_memory_stats()
+            times = []
+            for _ in range(args.steps):
+                torch.cuda.synchronize()
+                t0 = time.time()
+                step()
+                torch.cuda.synchronize()
+                times.append(time.time() - t0)
+            med = statistics.median(times)
+            base = base or med
+            rows.append((mode, a, first, med * 1000, B * T / med, med / base, torch.cuda.max_memory_allocated() / 2**30))
+            print(f"{mode:9s} active_start={a:2d}: first call {first:6.1f}s, median {med * 1000:7.2f} ms", flush=True)
+            if args.profile and a == 0:
+                from torch.profiler import ProfilerActivity, profile
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(3):
+                        step()
+                    torch.cuda.synchronize()
+                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+        del model, opt, fwd
+        torch.cuda.empty_cache()
+    print(f"\n{'compile':9s} {'active':>6s} {'first_s':>8s} {'step_ms':>8s} {'tok/s':>10s} {'vs_a0':>6s} {'peak_GiB':>8s}")
+    for mode, a, first, ms, tps, ratio, mem in rows:
+        print(f"{mode:9s} {a:6d} {first:8.1f} {ms:8.2f} {tps:10,.0f} {ratio:6.3f} {mem:8.2f}")
+
+
+if __name__ == "__main__":
+    main()
