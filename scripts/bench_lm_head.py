@@ -13,8 +13,8 @@ the GPU empty. Compile time is reported apart from step time.
     python -m scripts.bench_lm_head --chunk-size 8192 --variants chunked-eager,chunked-compile
 
 Note: compiled variants recompile for every batch size tried in the search (dynamic=False), and
-the chunked graph unrolls N / chunk_size chunks, so the compiled search is the slow part; cap it
-with --search-cap or skip it with --search eager.
+the chunked graph unrolls N / chunk_size chunks (compile time grows with N), so the compiled
+search is the slow part (minutes); cap it with --search-cap or skip it with --search eager.
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("largest batch search")
     g.add_argument("--search", choices=("all", "eager", "none"), default="all",
                    help="which variants get the largest-batch search")
-    g.add_argument("--search-cap", type=int, default=512,
+    g.add_argument("--search-cap", type=int, default=256,
                    help="stop doubling at this batch (reported as '>= cap' if it still fits)")
     args = p.parse_args(argv)
     problems = []

@@ -111,3 +111,23 @@ def test_dyn_flags_without_the_schedule_are_rejected(trained_base):
     out = run(["-m", "scripts.base_train", *TINY, "--num-iterations=2", "--block-update-schedule=dynamic_suffix",
                "--dyn-min-active-layers=3", "--dyn-max-active-layers=2"], trained_base, check=False)
     assert out.returncode == 2 and "--dyn-min-active-layers" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_nonfinite_loss_never_reaches_the_optimizer(trained_base):
+    """A NaN in the weights gives a NaN loss: the run stops before optimizer.step and leaves the
+    last good checkpoint untouched (no new checkpoint is written)."""
+    run(["-m", "scripts.base_train", *TINY, "--num-iterations=2", "--eval-every=-1", "--model-tag=nan"], trained_base)
+    ckpt = os.path.join(trained_base, "base_checkpoints", "nan", "step_000002")
+    state = torch.load(os.path.join(ckpt, "model.pt"), weights_only=True)
+    good = {k: v.clone() for k, v in state.items()}
+    state["lm_head.weight"][0, 0] = float("nan")
+    torch.save(state, os.path.join(ckpt, "model.pt"))
+    out = run(["-m", "scripts.base_train", *TINY, "--num-iterations=4", "--resume-from-step=2", "--save-every=1",
+               "--eval-every=-1", "--model-tag=nan"], trained_base, check=False)
+    assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "non-finite loss" in out.stdout and "Traceback" not in out.stderr
+    assert sorted(os.listdir(os.path.dirname(ckpt))) == ["step_000002"]
+    after = torch.load(os.path.join(ckpt, "model.pt"), weights_only=True)
+    for k in good:
+        if k != "lm_head.weight":
+            assert torch.equal(after[k], good[k]), k
