@@ -90,6 +90,12 @@ int_opt EVAL_EVERY --eval-every
 int_opt EVAL_TOKENS --eval-tokens
 int_opt SAVE_EVERY --save-every
 int_opt SEED --seed
+num_opt TIME_BUDGET_SEC --time-budget-sec
+opt METRICS_FILE --metrics-file
+# FP8 (finer knobs: BASE_TRAIN_EXTRA_ARGS="--fp8-skip-lm-head --fp8-min-dim=256 ...")
+flag USE_FP8 --fp8
+choice_opt FP8_BACKEND --fp8-backend "custom torchao"
+choice_opt FP8_RECIPE --fp8-recipe "tensorwise rowwise"
 # Dynamic suffix
 choice_opt BLOCK_UPDATE_SCHEDULE --block-update-schedule "full_update dynamic_suffix"
 int_opt DYN_WARMUP_STEPS --dyn-warmup-steps

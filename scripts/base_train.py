@@ -38,12 +38,14 @@ from nanochat.common import (UsageError, autodetect_device_type, compute_cleanup
 from nanochat.dataloader import build_loader
 from nanochat.dynamic_suffix import DynamicSuffixConfig, DynamicSuffixController
 from nanochat.evaluation import evaluate_bpb
+from nanochat.fp8 import (Fp8Options, check_fp8_hardware, convert_to_fp8, disable_fp8, refresh_fp8_weight_caches,
+                          set_fp8_weight_cache, validate_fp8_options)
 from nanochat.gpt import GPT, GPTConfig, validate_window_pattern
 from nanochat.optim import MuonAdamW
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 
-# Learning rates and weight decay were tuned by nanochat at d12 with 2^19-token batches; other
-# batch sizes and horizons rescale them (see "Horizon" in main()).
+# nanochat tuned its defaults at d12 with 2^19-token batches; the auto batch size and the weight
+# decay scale from there (see "Horizon" in main()).
 B_REF = 2 ** 19
 _DYN = DynamicSuffixConfig()  # the controller's defaults are the flags' defaults
 
@@ -74,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--target-flops", type=float, default=-1.0, help="derive num_iterations to reach this many training FLOPs (-1 = disabled)")
     g.add_argument("--target-param-data-ratio", type=float, default=10.5,
                    help="derive num_iterations so that tokens = ratio * scaling params (Chinchilla = 20; -1 = disabled)")
+    g.add_argument("--time-budget-sec", type=float, default=-1.0,
+                   help="train for this many seconds of step time (compile included, eval and saving excluded); the LR schedule "
+                        "follows elapsed/budget and --num-iterations, if given, is only a cap (-1 = disabled)")
     g = p.add_argument_group("optimization")
     g.add_argument("--device-batch-size", type=int, default=32, help="sequences per device per micro-step; lower it (16, 8, ...) on OOM")
     g.add_argument("--total-batch-size", type=int, default=-1,
@@ -89,6 +94,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmdown-ratio", type=float, default=0.4, help="fraction of steps for the final linear LR warmdown")
     g.add_argument("--final-lr-frac", type=float, default=0.0, help="final LR as a fraction of the initial LR")
     g.add_argument("--resume-from-step", type=int, default=-1, help="resume from the checkpoint of this step (-1 = start fresh)")
+    g = p.add_argument_group("fp8 training (nanochat/fp8.py)")
+    g.add_argument("--fp8", action="store_true", help="train the block linears (and lm_head unless skipped) in FP8; needs CUDA capability >= 8.9 (runs slowly on CPU for testing)")
+    g.add_argument("--fp8-backend", type=str, default="custom", choices=["custom", "torchao"],
+                   help="custom: our tensorwise Float8 linear (torch._scaled_mm via a registered custom op); torchao: torchao.float8")
+    g.add_argument("--fp8-recipe", type=str, default="tensorwise", choices=["tensorwise", "rowwise"],
+                   help="scaling recipe; rowwise (more accurate, slower) needs --fp8-backend=torchao")
+    g.add_argument("--fp8-min-dim", type=int, default=128, help="skip linears whose smaller dimension is below this")
+    g.add_argument("--fp8-skip-lm-head", action="store_true", help="keep the lm_head in bf16")
+    g.add_argument("--fp8-skip-attn-qk", action="store_true", help="keep the attention q and k projections in bf16")
+    g.add_argument("--fp8-fast-accum", action="store_true", help="custom backend: fast (lower-precision) accumulation in the forward GEMM")
+    g.add_argument("--fp8-weight-grad-bf16", action="store_true", help="custom backend: weight gradients in bf16 (default fp32)")
+    g.add_argument("--fp8-no-allow-in-graph", action="store_true",
+                   help="custom backend: let inductor trace torch._scaled_mm instead of calling our registered custom op")
+    g.add_argument("--fp8-include-regex", type=str, default=None, help="convert only linears whose qualified name matches (re.search)")
+    g.add_argument("--fp8-exclude-regex", type=str, default=None, help="never convert linears whose qualified name matches (re.search)")
+    g.add_argument("--fp8-log-modules", action="store_true", help="print every converted and skipped linear with the reason")
     g = p.add_argument_group("block-update schedule (dynamic suffix; see nanochat/dynamic_suffix.py)")
     g.add_argument("--block-update-schedule", type=str, default="full_update", choices=["full_update", "dynamic_suffix"],
                    help="full_update trains every block each step; dynamic_suffix trains only a relevance-chosen suffix of blocks on most steps")
@@ -120,13 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("lm-head cross-entropy")
     g.add_argument("--lm-ce-backend", type=str, default="baseline", choices=["baseline", "chunked"],
                    help="baseline materialises the full fp32 logits; chunked never does (exact grads, far less memory)")
-    g.add_argument("--lm-ce-chunk-size", type=int, default=4096, help="rows (tokens) per chunk of the chunked cross-entropy")
+    g.add_argument("--lm-ce-chunk-size", type=int, default=8192, help="rows (tokens) per chunk of the chunked cross-entropy")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-every", type=int, default=250, help="evaluate val bpb every N steps and at the end (-1 = disabled)")
     g.add_argument("--eval-tokens", type=int, default=40 * 524288, help="tokens of the validation split per evaluation")
     g.add_argument("--save-every", type=int, default=-1, help="save a checkpoint every N steps (-1 = only at the end)")
     g = p.add_argument_group("output")
     g.add_argument("--model-tag", type=str, default=None, help="checkpoint directory name (default: d{depth})")
+    g.add_argument("--metrics-file", type=str, default="",
+                   help="append one JSON line per step and per evaluation, and a final summary line, to this file (empty = off)")
     return p
 
 
@@ -150,8 +173,8 @@ def validate_args(args: argparse.Namespace) -> list[str]:
     need(args.target_flops == -1 or args.target_flops > 0, f"--target-flops={args.target_flops} must be > 0 or -1 (disabled)")
     need(args.target_param_data_ratio == -1 or args.target_param_data_ratio > 0,
          f"--target-param-data-ratio={args.target_param_data_ratio} must be > 0 or -1 (disabled)")
-    need(args.num_iterations > 0 or args.target_flops > 0 or args.target_param_data_ratio > 0,
-         "no training horizon: set --num-iterations, --target-flops or --target-param-data-ratio")
+    need(args.num_iterations > 0 or args.target_flops > 0 or args.target_param_data_ratio > 0 or args.time_budget_sec > 0,
+         "no training horizon: set --num-iterations, --target-flops, --target-param-data-ratio or --time-budget-sec")
     need(args.device_batch_size >= 1, f"--device-batch-size={args.device_batch_size} must be >= 1")
     need(args.total_batch_size == -1 or args.total_batch_size >= 1, f"--total-batch-size={args.total_batch_size} must be >= 1 or -1 (auto)")
     for name in ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr"):
@@ -167,6 +190,8 @@ def validate_args(args: argparse.Namespace) -> list[str]:
     need(args.warmup_ratio + args.warmdown_ratio <= 1,
          f"--warmup-ratio ({args.warmup_ratio}) + --warmdown-ratio ({args.warmdown_ratio}) must not exceed 1")
     need(args.resume_from_step == -1 or args.resume_from_step >= 0, f"--resume-from-step={args.resume_from_step} must be >= 0 or -1")
+    need(args.time_budget_sec == -1 or args.time_budget_sec > 0, f"--time-budget-sec={args.time_budget_sec} must be > 0 or -1 (disabled)")
+    problems += validate_fp8_options(Fp8Options.from_args(args))
     if args.block_update_schedule == "dynamic_suffix":
         problems += DynamicSuffixConfig.from_args(args).validate(args.depth)
     else:
@@ -212,6 +237,12 @@ def main():
     except UsageError as e:
         fail([str(e)])
     master = rank == 0
+    if args.fp8:
+        hw_problem = check_fp8_hardware(device_type)
+        if hw_problem:
+            fail([hw_problem])
+        if device_type == "cpu":
+            print0("WARNING: --fp8 on CPU emulates FP8 GEMMs slowly; use it for testing only")
     torch.manual_seed(args.seed)
     synchronize = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
     max_memory = torch.cuda.max_memory_allocated if device_type == "cuda" else (lambda: 0)
@@ -279,6 +310,18 @@ def main():
         print0(f"resuming from step {args.resume_from_step} of {checkpoint_dir}")
 
     # -----------------------------------------------------------------------------
+    # FP8: convert linears in place (weights are shared, so checkpoints and the optimizer are unaffected)
+    if args.fp8:
+        fp8_opts = Fp8Options.from_args(args)
+        if args.lm_ce_backend == "chunked" and not fp8_opts.skip_lm_head:
+            fp8_opts.skip_lm_head = True
+            print0("FP8: lm_head kept in bf16 because --lm-ce-backend=chunked reads its weight directly")
+        fp8_report = convert_to_fp8(model, fp8_opts)
+        print0(fp8_report.summary())
+        if fp8_opts.log_modules:
+            print0(fp8_report.details())
+
+    # -----------------------------------------------------------------------------
     # Compile: regional (each block and the head separately); see nanochat/gpt.py for why.
     if not args.no_compile:
         if device_type == "cpu":
@@ -309,25 +352,34 @@ def main():
         total_batch_size = max(per_step, (total_batch_size // per_step) * per_step)
         print0(f"auto total batch size: {total_batch_size:,} tokens")
     grad_accum_steps = total_batch_size // (args.device_batch_size * args.max_seq_len * world_size)
-    batch_lr_scale = (total_batch_size / B_REF) ** 0.5  # AdamW-style sqrt scaling, used for Muon too
+    # Learning rates are used as given. (nanochat multiplies them by sqrt(B / 2^19); at the d12
+    # anchor config, B = 32k, that cost 0.046 val bpb after 520 steps on an H100: 1.4696 vs 1.4240,
+    # see docs/benchmarks.md.) Weight decay keeps nanochat's horizon/batch scaling.
     weight_decay = args.weight_decay * (total_batch_size / B_REF) ** 0.5 * (D_REF / target_tokens)
+    time_budget = args.time_budget_sec if args.time_budget_sec > 0 else None
     if args.num_iterations > 0:
         num_iterations = args.num_iterations
+    elif time_budget:
+        num_iterations = 10 ** 9  # the clock ends the run
     elif args.target_flops > 0:
         num_iterations = max(1, round(args.target_flops / (flops_per_token * total_batch_size)))
     else:
         num_iterations = max(1, target_tokens // total_batch_size)
     total_tokens = total_batch_size * num_iterations
-    print0(f"horizon: {num_iterations:,} steps x {total_batch_size:,} tokens = {total_tokens:,} tokens "
-           f"({total_tokens / num_scaling_params:.2f} tokens/param; {flops_per_token * total_tokens:.3e} FLOPs)")
+    if time_budget:
+        print0(f"horizon: {time_budget:.0f}s of step time (compile included)"
+               + (f", at most {num_iterations:,} steps" if args.num_iterations > 0 else ""))
+    else:
+        print0(f"horizon: {num_iterations:,} steps x {total_batch_size:,} tokens = {total_tokens:,} tokens "
+               f"({total_tokens / num_scaling_params:.2f} tokens/param; {flops_per_token * total_tokens:.3e} FLOPs)")
     print0(f"batch: {args.device_batch_size} x {args.max_seq_len} x {world_size} ranks x {grad_accum_steps} accum steps; "
-           f"LR scale {batch_lr_scale:.4f}, weight decay {weight_decay:.5f}")
+           f"weight decay {weight_decay:.5f}")
 
     # -----------------------------------------------------------------------------
     # Optimizer
     optimizer = MuonAdamW(
-        model.param_groups(unembedding_lr=args.unembedding_lr * batch_lr_scale, embedding_lr=args.embedding_lr * batch_lr_scale,
-                           matrix_lr=args.matrix_lr * batch_lr_scale, scalar_lr=args.scalar_lr * batch_lr_scale,
+        model.param_groups(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
+                           matrix_lr=args.matrix_lr, scalar_lr=args.scalar_lr,
                            weight_decay=weight_decay, adam_betas=(args.adam_beta1, args.adam_beta2)),
         active_only_stack=args.muon_active_only_stack, stack_chunk_size=args.muon_stack_chunk_size,
         compile_orthogonalize=(not args.no_compile and device_type == "cuda"),
@@ -336,6 +388,15 @@ def main():
         optimizer.load_state_dict(optim_state)
         del optim_state
 
+
+    def lr_multiplier_time(progress: float) -> float:
+        """The same warmup / constant / warmdown shape over elapsed/budget instead of steps."""
+        if progress < args.warmup_ratio:
+            return max(progress / args.warmup_ratio, 1e-3)
+        if progress <= 1 - args.warmdown_ratio:
+            return 1.0
+        left = max(0.0, 1 - progress) / args.warmdown_ratio
+        return left + (1 - left) * args.final_lr_frac
 
     def lr_multiplier(it: int) -> float:
         warmup = round(args.warmup_ratio * num_iterations)
@@ -360,6 +421,8 @@ def main():
         dyn = DynamicSuffixController(DynamicSuffixConfig.from_args(args), model_config.n_layer, num_iterations)
         if resuming:
             dyn.load_state_dict(meta["dynamic_suffix"])
+        if time_budget and args.dyn_freeze_start_step < 0:
+            dyn.freeze_start = 10 ** 9  # set from the clock once --dyn-freeze-start-frac of the budget has passed
         print0(f"dynamic_suffix: {json.dumps(dyn.config.to_dict())}")
 
     # -----------------------------------------------------------------------------
@@ -378,14 +441,21 @@ def main():
         step = meta["step"]
         loop = meta["loop_state"]
         smooth_loss, min_val_bpb, val_bpb = loop["smooth_loss"], loop["min_val_bpb"], loop["val_bpb"]
-        total_training_time = loop["total_training_time"]
+        total_training_time, train_elapsed = loop["total_training_time"], loop["train_elapsed"]
         torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(meta["rng"]["cpu"])), dtype=torch.uint8))
     else:
-        step, smooth_loss, min_val_bpb, val_bpb, total_training_time = 0, 0.0, float("inf"), None, 0.0
+        step, smooth_loss, min_val_bpb, val_bpb = 0, 0.0, float("inf"), None
+        total_training_time = 0.0  # step time excluding each process's first (compiling) step
+        train_elapsed = 0.0  # all step time, compile included: what --time-budget-sec spends
     first_step = step
     compile_sec = None
     peak_step_mem = []
+    metrics = open(args.metrics_file, "a", encoding="utf-8") if (args.metrics_file and master) else None
 
+    def log_metrics(record: dict) -> None:
+        if metrics:
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
 
     def gather_loader_states() -> list:
         """Each rank reads its own row groups, so every rank's loader position is saved."""
@@ -394,7 +464,6 @@ def main():
         states = [None] * world_size
         torch.distributed.all_gather_object(states, consumed_state)
         return states
-
 
     def checkpoint_meta(loader_states: list) -> dict:
         return {
@@ -406,25 +475,37 @@ def main():
             "num_iterations": num_iterations,
             "dataloader_states": loader_states,
             "loop_state": {"smooth_loss": smooth_loss, "min_val_bpb": min_val_bpb, "val_bpb": val_bpb,
-                           "total_training_time": total_training_time},
+                           "total_training_time": total_training_time, "train_elapsed": train_elapsed},
             "dynamic_suffix": dyn.state_dict() if dyn else None,
             "rng": {"cpu": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()},
         }
 
+    def budget_spent() -> bool:
+        """Rank 0's clock decides for every rank, so all ranks stop on the same step."""
+        if not time_budget:
+            return False
+        flag = torch.tensor(float(train_elapsed >= time_budget), device=device)
+        if ddp:
+            torch.distributed.broadcast(flag, 0)
+        return bool(flag.item())
 
     barrier = torch.distributed.barrier if ddp else None
+    frozen_fp8 = None  # the active_start whose frozen-prefix FP8 weight caches are live
     while True:
-        last_step = step == num_iterations
+        last_step = step == num_iterations or budget_spent()
 
-        # --- evaluation -----------------------------------------------------------
+        # --- evaluation (full model, FP8 off: bf16 numbers comparable across runs) -----
         if args.eval_every > 0 and (last_step or step % args.eval_every == 0):
             model.eval()
             val_loader = build_loader(tokenizer, args.device_batch_size, args.max_seq_len, "val", device=device,
                                       rank=rank, world_size=world_size)
             t_eval = time.time()
-            val_bpb = evaluate_bpb(model, val_loader, eval_steps, token_bytes, autocast_ctx)
+            with disable_fp8(model):
+                val_bpb = evaluate_bpb(model, val_loader, eval_steps, token_bytes, autocast_ctx)
             min_val_bpb = min(min_val_bpb, val_bpb)
             print0(f"step {step:05d} | val bpb {val_bpb:.4f} | {eval_steps * args.device_batch_size * args.max_seq_len * world_size:,} tokens in {time.time() - t_eval:.1f}s")
+            log_metrics({"kind": "eval", "step": step, "val_bpb": val_bpb, "train_elapsed": train_elapsed,
+                         "tokens": step * total_batch_size})
             wandb_run.log({"step": step, "val/bpb": val_bpb, "total_training_time": total_training_time})
             model.train()
 
@@ -443,7 +524,16 @@ def main():
         if device_type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t0 = time.time()
+        if dyn and time_budget and dyn.freeze_start == 10 ** 9 and train_elapsed >= args.dyn_freeze_start_frac * time_budget:
+            dyn.freeze_start = max(step, args.dyn_warmup_steps)
         active_start = dyn.active_start(step) if dyn else 0
+        if args.fp8 and active_start != frozen_fp8:
+            # Frozen prefix weights do not change until the next full step: quantise them once per
+            # freeze period instead of every micro-step (custom backend; a no-op for torchao).
+            set_fp8_weight_cache(model, False)
+            if active_start:
+                set_fp8_weight_cache(model, True, modules=list(model.transformer.h[:active_start]))
+            frozen_fp8 = active_start
         loss_sum = torch.zeros((), device=device)
         for micro_step in range(grad_accum_steps):
             with autocast_ctx:
@@ -466,7 +556,7 @@ def main():
             if ddp:  # ranks must agree on the next active_start: average their local measurements
                 torch.distributed.all_reduce(scores)
                 scores /= world_size
-        lrm = lr_multiplier(step)
+        lrm = lr_multiplier_time(train_elapsed / time_budget) if time_budget else lr_multiplier(step)
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * lrm
             if group["kind"] == "muon":
@@ -481,6 +571,7 @@ def main():
         dt = time.time() - t0
 
         # --- logging --------------------------------------------------------------
+        train_elapsed += dt
         if step == first_step:
             compile_sec = dt
         else:
@@ -493,12 +584,21 @@ def main():
         tok_per_sec = total_batch_size / dt
         # MFU counts the work done: a frozen prefix does forward-only FLOPs.
         step_flops = model.estimate_flops(active_start) if active_start else flops_per_token
-        mfu = f" | mfu {100 * step_flops * tok_per_sec / (peak_flops * world_size):.1f}%" if peak_flops else ""
+        mfu_value = 100 * step_flops * tok_per_sec / (peak_flops * world_size) if peak_flops else None
+        mfu = f" | mfu {mfu_value:.1f}%" if mfu_value is not None else ""
         active = f" | active {model_config.n_layer - active_start}/{model_config.n_layer}" if dyn else ""
         done = step - first_step
-        eta = f"{(num_iterations - step - 1) * total_training_time / done / 60:.1f}m" if done > 0 else "-"
-        print0(f"step {step:05d}/{num_iterations} | loss {debiased:.4f} | lrm {lrm:.2f} | dt {dt * 1000:.1f}ms | "
+        if time_budget:
+            eta = f"{max(0.0, time_budget - train_elapsed) / 60:.1f}m of budget"
+        else:
+            eta = f"{(num_iterations - step - 1) * total_training_time / done / 60:.1f}m" if done > 0 else "-"
+        horizon = "" if time_budget and args.num_iterations <= 0 else f"/{num_iterations}"
+        print0(f"step {step:05d}{horizon} | loss {debiased:.4f} | lrm {lrm:.2f} | dt {dt * 1000:.1f}ms | "
                f"tok/s {tok_per_sec:,.0f}{mfu}{mem}{active} | eta {eta}")
+        log_metrics({"kind": "step", "step": step, "loss": train_loss, "loss_ema": debiased, "lrm": lrm, "dt": dt,
+                     "tok_per_sec": tok_per_sec, "mfu": mfu_value, "step_peak_mib": step_mem if device_type == "cuda" else None,
+                     "active_layers": model_config.n_layer - active_start, "train_elapsed": train_elapsed,
+                     "tokens": (step + 1) * total_batch_size})
         if dyn and (line := dyn.log_line(step)):
             print0(line)
         if step % 100 == 0:
@@ -521,8 +621,18 @@ def main():
     print0(f"done: {step - first_step} steps | training time {total_training_time:.1f}s excluding first step "
            f"({compile_sec or 0:.1f}s incl. compile) | steady tok/s {steady_tok:,.0f} | peak memory {peak_mem} | "
            f"min val bpb " + (f"{min_val_bpb:.4f}" if math.isfinite(min_val_bpb) else "n/a (no eval)"))
+    summary = {"kind": "summary", "steps": step, "steps_this_run": step - first_step, "train_elapsed": train_elapsed,
+               "first_step_sec": compile_sec, "steady_tok_per_sec": steady_tok,
+               "peak_mib": max(peak_step_mem) if (peak_step_mem and device_type == "cuda") else None,
+               "final_val_bpb": val_bpb, "min_val_bpb": min_val_bpb if math.isfinite(min_val_bpb) else None,
+               "final_loss_ema": smooth_loss / (1 - 0.9 ** step) if step > 0 else None,
+               "tokens": step * total_batch_size, "schedule": args.block_update_schedule}
     if dyn:
+        summary["dynamic_suffix"] = dyn.stats()
         print0(f"dynamic_suffix stats: {json.dumps(dyn.stats())}")
+    log_metrics(summary)
+    if metrics:
+        metrics.close()
     wandb_run.finish()
     compute_cleanup()
 
