@@ -32,21 +32,25 @@ import torch._dynamo
 from nanochat.attention import select_attention_backend
 from nanochat.checkpoint import (CheckpointError, check_state_dict_keys, diff_model_config,
                                  load_checkpoint, save_checkpoint)
-from nanochat.cli import batch_problems, fail
+from nanochat.cli import fail
 from nanochat.common import (UsageError, autodetect_device_type, compute_cleanup, compute_init,
                              get_base_dir, get_dist_info, get_peak_flops, init_wandb, print0, run_provenance)
+from nanochat.core_eval import BundleError, ensure_eval_bundle, evaluate_core, load_bundle
 from nanochat.dataloader import build_loader
+from nanochat.debug import (GracefulStop, LossSpikeDetector, NonFiniteGuard, PhaseMemory, any_rank,
+                            fault_injection_from_env, format_names, nonfinite_tensors)
 from nanochat.dynamic_suffix import DynamicSuffixConfig, DynamicSuffixController
+from nanochat.ema import WeightEMA, split_ema_state
+from nanochat.engine import eval_mode, sample_prompts
 from nanochat.evaluation import evaluate_bpb
 from nanochat.fp8 import (Fp8Options, check_fp8_hardware, convert_to_fp8, disable_fp8, refresh_fp8_weight_caches,
                           set_fp8_weight_cache, validate_fp8_options)
 from nanochat.gpt import GPT, GPTConfig, validate_window_pattern
 from nanochat.optim import MuonAdamW
+from nanochat.runconfig import (dry_run_report, horizon_problems, model_config_from_args, parse_with_config,
+                                plan_horizon, resolve_resume, run_problems, scaling_params)
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 
-# nanochat tuned its defaults at d12 with 2^19-token batches; the auto batch size and the weight
-# decay scale from there (see "Horizon" in main()).
-B_REF = 2 ** 19
 _DYN = DynamicSuffixConfig()  # the controller's defaults are the flags' defaults
 
 
@@ -64,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device-type", type=str, default="", help="cuda | cpu | mps; empty = autodetect")
     g.add_argument("--seed", type=int, default=42, help="seed for weight init (the data order is fixed)")
     g.add_argument("--no-compile", action="store_true", help="run eager (no torch.compile); for debugging or CPU")
+    g.add_argument("--config", type=str, default="",
+                   help="JSON or TOML file of flag values (keys: flag names, dashes or underscores); flags given on the "
+                        "command line override it (empty = none)")
+    g.add_argument("--dry-run", action="store_true",
+                   help="validate everything, print the resolved config, parameter counts, FLOPs per token, token budget and "
+                        "a peak-memory estimate, then exit 0 without touching the GPU or the data")
     g = p.add_argument_group("model architecture")
     g.add_argument("--depth", type=int, default=20, help="number of transformer layers")
     g.add_argument("--aspect-ratio", type=int, default=64, help="model_dim = depth * aspect_ratio (rounded up to a multiple of --head-dim)")
@@ -94,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmdown-ratio", type=float, default=0.4, help="fraction of steps for the final linear LR warmdown")
     g.add_argument("--final-lr-frac", type=float, default=0.0, help="final LR as a fraction of the initial LR")
     g.add_argument("--resume-from-step", type=int, default=-1, help="resume from the checkpoint of this step (-1 = start fresh)")
+    g.add_argument("--resume-latest", action="store_true",
+                   help="resume from the newest complete checkpoint of --model-tag (error if there is none)")
     g = p.add_argument_group("fp8 training (nanochat/fp8.py)")
     g.add_argument("--fp8", action="store_true", help="train the block linears (and lm_head unless skipped) in FP8; needs CUDA capability >= 8.9 (runs slowly on CPU for testing)")
     g.add_argument("--fp8-backend", type=str, default="custom", choices=["custom", "torchao"],
@@ -145,7 +157,39 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-every", type=int, default=250, help="evaluate val bpb every N steps and at the end (-1 = disabled)")
     g.add_argument("--eval-tokens", type=int, default=40 * 524288, help="tokens of the validation split per evaluation")
+    g.add_argument("--core-metric-every", type=int, default=-1,
+                   help="evaluate the CORE metric every N steps and at the end (-1 = disabled; nanochat uses 2000). Needs the eval "
+                        "bundle in $NANOCHAT_BASE_DIR/eval_bundle (downloaded when online); without it CORE is skipped with a warning")
+    g.add_argument("--core-metric-max-per-task", type=int, default=500, help="examples per CORE task (-1 = all)")
+    g.add_argument("--sample-every", type=int, default=-1,
+                   help="print greedy samples of fixed prompts every N steps and at the end, rank 0 only (-1 = disabled)")
+    g.add_argument("--ema-decay", type=float, default=-1.0,
+                   help="keep an fp32 weight EMA with this decay (e.g. 0.999), used for val bpb, CORE and samples and saved "
+                        "in checkpoints (-1 = disabled)")
     g.add_argument("--save-every", type=int, default=-1, help="save a checkpoint every N steps (-1 = only at the end)")
+    g.add_argument("--keep-last-k", type=int, default=-1,
+                   help="after each save, delete all but the newest K complete checkpoints (-1 = keep all)")
+    g = p.add_argument_group("debugging and robustness (nanochat/debug.py)")
+    g.add_argument("--debug-nan", action="store_true",
+                   help="check every gradient before and every parameter after each optimizer step for NaN/Inf (one fused "
+                        "reduction and host sync each) and name the offending tensors")
+    g.add_argument("--debug-anomaly", action="store_true",
+                   help="torch.autograd anomaly detection: the backward op that made a NaN is reported with its forward "
+                        "traceback; very slow, debugging only")
+    g.add_argument("--debug-max-nonfinite", type=int, default=10, help="name at most this many non-finite tensors")
+    g.add_argument("--debug-mem-every", type=int, default=-1,
+                   help="print CUDA peak memory of each phase (forward, backward, optimizer) every N steps (-1 = disabled; "
+                        "CUDA only)")
+    g.add_argument("--skip-nonfinite-steps", type=int, default=-1,
+                   help="skip a step whose loss (or, with --debug-nan, gradients) is NaN/Inf: no optimizer update, the "
+                        "batch still counts; stop (exit 1) after more than N such steps in a row (-1 = never skip: stop at "
+                        "the first)")
+    g.add_argument("--auto-lr-reduction", action="store_true",
+                   help="on a loss spike (loss more than --spike-zscore std above the mean of the last --spike-window "
+                        "losses) multiply every LR by --spike-lr-factor, at most 5 times; logged and checkpointed")
+    g.add_argument("--spike-window", type=int, default=50, help="losses in the spike detector's window (>= 2)")
+    g.add_argument("--spike-zscore", type=float, default=6.0, help="z-score above which a loss is a spike (> 0)")
+    g.add_argument("--spike-lr-factor", type=float, default=0.5, help="LR multiplier per detected spike, in (0, 1)")
     g = p.add_argument_group("output")
     g.add_argument("--model-tag", type=str, default=None, help="checkpoint directory name (default: d{depth})")
     g.add_argument("--metrics-file", type=str, default="",
@@ -202,34 +246,72 @@ def validate_args(args: argparse.Namespace) -> list[str]:
     need(args.lm_ce_chunk_size >= 1, f"--lm-ce-chunk-size={args.lm_ce_chunk_size} must be >= 1")
     need(args.eval_every == -1 or args.eval_every >= 1, f"--eval-every={args.eval_every} must be >= 1 or -1 (disabled)")
     need(args.eval_tokens >= 1, f"--eval-tokens={args.eval_tokens} must be >= 1")
+    need(args.core_metric_every == -1 or args.core_metric_every >= 1,
+         f"--core-metric-every={args.core_metric_every} must be >= 1 or -1 (disabled)")
+    need(args.core_metric_max_per_task == -1 or args.core_metric_max_per_task >= 1,
+         f"--core-metric-max-per-task={args.core_metric_max_per_task} must be >= 1 or -1 (all examples)")
+    need(args.sample_every == -1 or args.sample_every >= 1, f"--sample-every={args.sample_every} must be >= 1 or -1 (disabled)")
+    need(args.ema_decay == -1 or 0 < args.ema_decay < 1, f"--ema-decay={args.ema_decay} must be in (0, 1), e.g. 0.999, or -1 (disabled)")
     need(args.save_every == -1 or args.save_every >= 1, f"--save-every={args.save_every} must be >= 1 or -1 (only at the end)")
+    need(args.keep_last_k == -1 or args.keep_last_k >= 1, f"--keep-last-k={args.keep_last_k} must be >= 1 or -1 (keep all)")
+    need(not (args.resume_latest and args.resume_from_step != -1),
+         f"--resume-latest and --resume-from-step={args.resume_from_step} both pick the resume step; give only one")
+    need(args.debug_max_nonfinite >= 1, f"--debug-max-nonfinite={args.debug_max_nonfinite} must be >= 1")
+    need(args.debug_mem_every == -1 or args.debug_mem_every >= 1, f"--debug-mem-every={args.debug_mem_every} must be >= 1 or -1 (disabled)")
+    need(args.skip_nonfinite_steps == -1 or args.skip_nonfinite_steps >= 1,
+         f"--skip-nonfinite-steps={args.skip_nonfinite_steps} must be >= 1 (bad steps in a row to skip) or -1 (never skip)")
+    need(args.spike_window >= 2, f"--spike-window={args.spike_window} must be >= 2")
+    need(args.spike_zscore > 0, f"--spike-zscore={args.spike_zscore} must be > 0 (e.g. 6)")
+    need(0 < args.spike_lr_factor < 1, f"--spike-lr-factor={args.spike_lr_factor} must be in (0, 1), e.g. 0.5")
+    parser = build_parser()
+    if not args.auto_lr_reduction:
+        changed = [f"--{a.dest.replace('_', '-')}" for a in parser._actions
+                   if a.dest.startswith("spike_") and getattr(args, a.dest) != a.default]
+        need(not changed, f"{', '.join(changed)} only apply with --auto-lr-reduction")
+    for a in parser._actions:  # inf passes most range checks but breaks the arithmetic (round(inf), NaN LRs)
+        v = getattr(args, a.dest, None)
+        if a.type is float and isinstance(v, float):
+            need(not math.isinf(v), f"--{a.dest.replace('_', '-')}={v} must be a finite number")
     if args.model_tag is not None:
         need(re.fullmatch(r"[A-Za-z0-9._-]+", args.model_tag) is not None,
              f"--model-tag={args.model_tag!r} may only contain letters, digits, '.', '_' and '-'")
     return problems
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
+def parse_args(argv: list[str] | None = None, with_sources: bool = False):
+    """Parse and validate (exit 2 on any problem). `--config FILE` values become defaults that
+    flags on the command line override (nanochat/runconfig.py). With `with_sources`, also return
+    {dest: 'cli' | 'config' | 'default'}."""
+    args, sources, problems = parse_with_config(build_parser(), sys.argv[1:] if argv is None else argv)
+    if problems:
+        fail(problems)
     problems = validate_args(args)
     if problems:
         fail(problems)
-    return args
+    return (args, sources) if with_sources else args
 
 
 
 def main():
     # -----------------------------------------------------------------------------
     # Arguments: parsed and validated before anything touches a device.
-    args = parse_args()
+    args, sources = parse_args(with_sources=True)
     user_config = vars(args).copy()
+    if args.config:
+        print0(f"config: {sum(s == 'config' for s in sources.values())} flag values from {args.config} "
+               f"(flags on the command line override it)")
 
     # -----------------------------------------------------------------------------
     # Compute init
     device_type = args.device_type or autodetect_device_type()
     _, _, _, world_size = get_dist_info()
-    problems = batch_problems(args.total_batch_size, args.device_batch_size, args.max_seq_len, world_size) \
-        if args.total_batch_size > 0 else []
+    if args.dry_run:  # plan only: the model is built on the meta device; no GPU, no data
+        report, problems = dry_run_report(args, sources, device_type, world_size)
+        if problems:
+            fail(problems)
+        print0(report)
+        return
+    problems = run_problems(args, world_size)  # batch arithmetic, eval tokens, output paths
     if problems:
         fail(problems)
     try:
@@ -265,10 +347,7 @@ def main():
 
 
     def build_config(depth: int) -> GPTConfig:
-        model_dim = ((depth * args.aspect_ratio + args.head_dim - 1) // args.head_dim) * args.head_dim
-        n_head = model_dim // args.head_dim
-        return GPTConfig(sequence_len=args.max_seq_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
-                         n_kv_head=n_head, n_embd=model_dim, window_pattern=args.window_pattern)
+        return model_config_from_args(args, vocab_size, depth)  # shared with --dry-run
 
 
     model_config = build_config(args.depth)
@@ -293,6 +372,11 @@ def main():
     base_dir = get_base_dir()
     model_tag = args.model_tag or f"d{args.depth}"
     checkpoint_dir = os.path.join(base_dir, "base_checkpoints", model_tag)
+    resume_step, problem = resolve_resume(args, checkpoint_dir)  # --resume-from-step N or --resume-latest
+    if problem:
+        fail([problem])
+    if resume_step is not None:
+        args.resume_from_step = resume_step  # --resume-latest resolved (user_config keeps what was asked)
     resuming = args.resume_from_step != -1
     if resuming:
         try:
@@ -300,6 +384,7 @@ def main():
                                                              load_optimizer=True, rank=rank)
         except CheckpointError as e:
             fail([str(e)])
+        model_state, saved_ema_state = split_ema_state(model_state)  # EMA tensors ride along in model.pt
         mismatch = diff_model_config(meta["model_config"], asdict(model_config)) + check_state_dict_keys(model_state, model)
         if mismatch:
             shown = mismatch[:8] + ([f"... and {len(mismatch) - 8} more"] if len(mismatch) > 8 else [])
@@ -336,42 +421,23 @@ def main():
 
     # -----------------------------------------------------------------------------
     # Horizon, batch size and hyper-parameter scaling (nanochat's scaling rules)
-    num_scaling_params = param_counts["transformer_matrices"] + param_counts["lm_head"]
-    with torch.device("meta"):  # shapes only: count d12 parameters without allocating
-        d12 = GPT(build_config(12))
-    ratio = args.target_param_data_ratio if args.target_param_data_ratio > 0 else 10.5
-    target_tokens = int(ratio * num_scaling_params)
-    D_REF = ratio * (d12.num_scaling_params()["transformer_matrices"] + d12.num_scaling_params()["lm_head"])
-    del d12
-    total_batch_size = args.total_batch_size
-    if total_batch_size == -1:
-        # Optimal batch grows as D^0.383 (Power Lines); 2^19 tokens is optimal at d12.
-        predicted = B_REF * (target_tokens / D_REF) ** 0.383
-        total_batch_size = 2 ** round(math.log2(predicted))
-        per_step = args.device_batch_size * args.max_seq_len * world_size
-        total_batch_size = max(per_step, (total_batch_size // per_step) * per_step)
+    num_scaling_params = scaling_params(param_counts)
+    plan = plan_horizon(args, num_scaling_params, flops_per_token, vocab_size, world_size)  # shared with --dry-run
+    total_batch_size, grad_accum_steps, weight_decay = plan.total_batch_size, plan.grad_accum_steps, plan.weight_decay
+    time_budget, num_iterations, total_tokens = plan.time_budget, plan.num_iterations, plan.total_tokens
+    if plan.auto_batch:
         print0(f"auto total batch size: {total_batch_size:,} tokens")
-    grad_accum_steps = total_batch_size // (args.device_batch_size * args.max_seq_len * world_size)
-    # Learning rates are used as given. (nanochat multiplies them by sqrt(B / 2^19); at the d12
-    # anchor config, B = 32k, that cost 0.046 val bpb after 520 steps on an H100: 1.4696 vs 1.4240,
-    # see docs/benchmarks.md.) Weight decay keeps nanochat's horizon/batch scaling.
-    weight_decay = args.weight_decay * (total_batch_size / B_REF) ** 0.5 * (D_REF / target_tokens)
-    time_budget = args.time_budget_sec if args.time_budget_sec > 0 else None
-    if args.num_iterations > 0:
-        num_iterations = args.num_iterations
-    elif time_budget:
-        num_iterations = 10 ** 9  # the clock ends the run
-    elif args.target_flops > 0:
-        num_iterations = max(1, round(args.target_flops / (flops_per_token * total_batch_size)))
-    else:
-        num_iterations = max(1, target_tokens // total_batch_size)
-    total_tokens = total_batch_size * num_iterations
+    problems = horizon_problems(args.resume_from_step if resuming else None, plan)
+    if problems:
+        fail(problems)
     if time_budget:
         print0(f"horizon: {time_budget:.0f}s of step time (compile included)"
                + (f", at most {num_iterations:,} steps" if args.num_iterations > 0 else ""))
     else:
         print0(f"horizon: {num_iterations:,} steps x {total_batch_size:,} tokens = {total_tokens:,} tokens "
                f"({total_tokens / num_scaling_params:.2f} tokens/param; {flops_per_token * total_tokens:.3e} FLOPs)")
+        print0(f"token budget (Chinchilla, 20 x scaling params): {20 * num_scaling_params:,} tokens; planned "
+               f"{total_tokens:,} = {total_tokens / (20 * num_scaling_params):.3g}x")
     print0(f"batch: {args.device_batch_size} x {args.max_seq_len} x {world_size} ranks x {grad_accum_steps} accum steps; "
            f"weight decay {weight_decay:.5f}")
 
@@ -387,6 +453,19 @@ def main():
     if resuming:
         optimizer.load_state_dict(optim_state)
         del optim_state
+
+    # Weight EMA (fp32, on the device): updated after every optimizer step, used by every evaluation.
+    ema = WeightEMA(model, args.ema_decay) if args.ema_decay > 0 else None
+    if ema and resuming:
+        if saved_ema_state:
+            ema.load(saved_ema_state, meta.get("ema"))
+            print0(f"weight EMA restored ({ema.num_updates} updates)")
+        else:
+            print0("WARNING: the checkpoint has no weight EMA; it starts again from the resumed weights")
+    elif resuming and saved_ema_state:
+        print0("note: the checkpoint's weight EMA is dropped (--ema-decay not set)")
+    if resuming:
+        del saved_ema_state
 
 
     def lr_multiplier_time(progress: float) -> float:
@@ -434,6 +513,24 @@ def main():
                                 rank=rank, world_size=world_size, resume_state=consumed_state)
     x, y, loader_state = next(train_loader)
     eval_steps = max(1, args.eval_tokens // (args.device_batch_size * args.max_seq_len * world_size))
+    # CORE eval bundle: rank 0 finds, converts or downloads it; a missing or malformed bundle skips
+    # CORE with one warning line instead of stopping the run (nanochat/core_eval.py has the format).
+    core_bundle = None
+    if args.core_metric_every > 0:
+        bundle_dir = os.path.join(base_dir, "eval_bundle")
+        if master:
+            core_bundle = ensure_eval_bundle(bundle_dir, log=print0)
+        if ddp:
+            torch.distributed.barrier()
+            if not master:
+                core_bundle = ensure_eval_bundle(bundle_dir, download=False, log=lambda *a: None)
+        if core_bundle:
+            try:
+                print0(f"CORE: {len(load_bundle(core_bundle))} tasks from {core_bundle}, "
+                       f"at most {args.core_metric_max_per_task} examples each")
+            except BundleError as e:
+                print0(f"WARNING: CORE skipped: {e}")
+                core_bundle = None
 
     # -----------------------------------------------------------------------------
     # Loop state
@@ -477,6 +574,9 @@ def main():
             "loop_state": {"smooth_loss": smooth_loss, "min_val_bpb": min_val_bpb, "val_bpb": val_bpb,
                            "total_training_time": total_training_time, "train_elapsed": train_elapsed},
             "dynamic_suffix": dyn.state_dict() if dyn else None,
+            "ema": ema.meta() if ema else None,
+            "auto_lr": spikes.state_dict() if spikes else None,
+            "nonfinite_skipped": skipped_before + guard.skipped,
             "rng": {"cpu": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()},
         }
 
@@ -490,31 +590,88 @@ def main():
         return bool(flag.item())
 
     barrier = torch.distributed.barrier if ddp else None
+
+    def save_now() -> None:
+        """Checkpoint `step` atomically (--keep-last-k retention). Weights holding NaN/Inf are never
+        saved: the run stops (exit 1) so that the latest checkpoint stays a good one."""
+        bad = nonfinite_tensors(list(model.named_parameters()))  # one fused reduction + sync per save
+        if bad:
+            print0(f"step {step:05d} | not saving a checkpoint: non-finite parameters ({len(bad)}): "
+                   f"{format_names(bad, args.debug_max_nonfinite)}. The last saved checkpoint is untouched.")
+            compute_cleanup()
+            sys.exit(1)
+        model_state = model.state_dict()
+        if ema:  # fp32 EMA tensors under their own key prefix (nanochat/ema.py)
+            model_state = {**model_state, **ema.state_tensors()}
+        save_checkpoint(checkpoint_dir, step, model_state, optimizer.state_dict(),
+                        checkpoint_meta(gather_loader_states()),
+                        rank=rank, world_size=world_size, barrier=barrier, keep_last_k=args.keep_last_k)
+        print0(f"saved checkpoint step {step} to {checkpoint_dir}")
+
+    # -----------------------------------------------------------------------------
+    # Robustness and debugging (nanochat/debug.py)
+    guard = NonFiniteGuard(list(model.named_parameters()), debug_nan=args.debug_nan,
+                           max_names=args.debug_max_nonfinite, max_skips=args.skip_nonfinite_steps)
+    skipped_before = meta.get("nonfinite_skipped", 0) if resuming else 0
+    spikes = LossSpikeDetector(args.spike_window, args.spike_zscore, args.spike_lr_factor) if args.auto_lr_reduction else None
+    if spikes and resuming and meta.get("auto_lr"):
+        spikes.load_state_dict(meta["auto_lr"])
+    mem_probe = PhaseMemory(args.debug_mem_every, device_type)
+    if msg := PhaseMemory.unavailable_message(args.debug_mem_every, device_type):
+        print0(msg)
+    if args.debug_anomaly:
+        print0("WARNING: --debug-anomaly: autograd anomaly detection makes every step several times slower; "
+               "use it to find the op that makes a NaN, not for training")
+        torch.autograd.set_detect_anomaly(True)
+    try:
+        fault_inject = fault_injection_from_env()  # test hook, {} unless NANOCHAT_FAULT_INJECT is set
+    except ValueError as e:
+        fail([str(e)])
+    if fault_inject:
+        print0(f"fault injection: loss multipliers by step {fault_inject}")
+    graceful = GracefulStop().install()  # SIGTERM/SIGINT: finish the step, save, exit 0
+
     frozen_fp8 = None  # the active_start whose frozen-prefix FP8 weight caches are live
     while True:
+        if any_rank(graceful.requested, device, ddp):
+            save_now()
+            print0(f"received {graceful.name or 'a stop signal (on another rank)'}: stopped after step {step - 1}, "
+                   f"checkpoint step {step} saved; exiting (continue with --resume-latest)")
+            break
         last_step = step == num_iterations or budget_spent()
 
-        # --- evaluation (full model, FP8 off: bf16 numbers comparable across runs) -----
+        # --- evaluation: full model (active_start=0), FP8 off, EMA weights when --ema-decay is set,
+        # so the numbers are comparable across runs and schedules ---------------------
         if args.eval_every > 0 and (last_step or step % args.eval_every == 0):
-            model.eval()
             val_loader = build_loader(tokenizer, args.device_batch_size, args.max_seq_len, "val", device=device,
                                       rank=rank, world_size=world_size)
             t_eval = time.time()
-            with disable_fp8(model):
+            with eval_mode(model, ema):
                 val_bpb = evaluate_bpb(model, val_loader, eval_steps, token_bytes, autocast_ctx)
             min_val_bpb = min(min_val_bpb, val_bpb)
             print0(f"step {step:05d} | val bpb {val_bpb:.4f} | {eval_steps * args.device_batch_size * args.max_seq_len * world_size:,} tokens in {time.time() - t_eval:.1f}s")
             log_metrics({"kind": "eval", "step": step, "val_bpb": val_bpb, "train_elapsed": train_elapsed,
                          "tokens": step * total_batch_size})
             wandb_run.log({"step": step, "val/bpb": val_bpb, "total_training_time": total_training_time})
-            model.train()
+
+        # CORE and samples have varying shapes: they run the uncompiled forward (eager=True).
+        if core_bundle and (last_step or (step > 0 and step % args.core_metric_every == 0)):
+            with eval_mode(model, ema, eager=True):
+                core = evaluate_core(model, tokenizer, core_bundle, device, args.core_metric_max_per_task,
+                                     max_seq_len=args.max_seq_len, autocast_ctx=autocast_ctx)
+            print0(f"step {step:05d} | CORE {core['core']:.4f} | {len(core['centered'])} tasks in {core['seconds']:.1f}s")
+            log_metrics({"kind": "core", "step": step, "core": core["core"], "centered": core["centered"],
+                         "accuracy": core["accuracy"], "seconds": core["seconds"], "train_elapsed": train_elapsed})
+            wandb_run.log({"step": step, "core_metric": core["core"], "total_training_time": total_training_time})
+
+        if master and args.sample_every > 0 and (last_step or (step > 0 and step % args.sample_every == 0)):
+            with eval_mode(model, ema, eager=True):
+                for text in sample_prompts(model, tokenizer, autocast_ctx=autocast_ctx):
+                    print(f"step {step:05d} | sample | {text!r}", flush=True)
 
         # --- checkpoint -----------------------------------------------------------
         if last_step or (step > first_step and args.save_every > 0 and step % args.save_every == 0):
-            save_checkpoint(checkpoint_dir, step, model.state_dict(), optimizer.state_dict(),
-                            checkpoint_meta(gather_loader_states()),
-                            rank=rank, world_size=world_size, barrier=barrier)
-            print0(f"saved checkpoint step {step} to {checkpoint_dir}")
+            save_now()
 
         if last_step:
             break
@@ -526,6 +683,13 @@ def main():
         t0 = time.time()
         if dyn and time_budget and dyn.freeze_start == 10 ** 9 and train_elapsed >= args.dyn_freeze_start_frac * time_budget:
             dyn.freeze_start = max(step, args.dyn_warmup_steps)
+        if dyn and not args.no_compile and step == first_step:
+            # Compile the suffix-step graph variants (frozen prefix under no_grad, a boundary input
+            # that needs no grad) inside this first, compiling step instead of stalling the first
+            # suffix step later (measured: a 7 s stall on an H100 with a cold compile cache).
+            with autocast_ctx:
+                model(x, y, active_start=model_config.n_layer - 1).backward()
+            model.zero_grad(set_to_none=True)
         active_start = dyn.active_start(step) if dyn else 0
         if args.fp8 and active_start != frozen_fp8:
             # Frozen prefix weights do not change until the next full step: quantise them once per
@@ -535,20 +699,43 @@ def main():
                 set_fp8_weight_cache(model, True, modules=list(model.transformer.h[:active_start]))
             frozen_fp8 = active_start
         loss_sum = torch.zeros((), device=device)
+        mem_probe.start(step)  # --debug-mem-every: per-phase peaks (a no-op on most steps)
         for micro_step in range(grad_accum_steps):
             with autocast_ctx:
                 loss = model(x, y, active_start=active_start)
+            mem_probe.end("forward")
+            if step in fault_inject:
+                loss = loss * fault_inject[step]
             loss_sum += loss.detach()
             (loss / grad_accum_steps).backward()
+            mem_probe.end("backward")
             consumed_state = loader_state
             x, y, loader_state = next(train_loader)  # prefetch while the GPU works
         train_loss = (loss_sum / grad_accum_steps).item()  # the one host sync of the step
-        if not math.isfinite(train_loss):
-            # Never let a non-finite loss reach the optimizer: stop, the last checkpoint stays intact.
-            print0(f"step {step:05d} | non-finite loss ({train_loss}); stopping before the optimizer step. "
+        # Never let a non-finite loss (or, with --debug-nan, gradient) reach the optimizer: stop with
+        # the last checkpoint intact, or with --skip-nonfinite-steps drop this step's gradients.
+        problem = guard.check_before_step(train_loss)
+        if ddp and args.skip_nonfinite_steps > 0 and any_rank(problem is not None, device, ddp) and not problem:
+            problem = "non-finite loss or gradients on another rank"  # every rank must skip together
+        if problem:
+            if guard.on_bad_step():
+                model.zero_grad(set_to_none=True)
+                train_elapsed += time.time() - t0
+                if step > 0:  # feed the EMA its own debiased value, so the debiasing by step count stays exact
+                    smooth_loss = 0.9 * smooth_loss + 0.1 * smooth_loss / (1 - 0.9 ** step)
+                print0(f"step {step:05d} | {problem} | step skipped: no optimizer update ({guard.consecutive} in a row, "
+                       f"limit {args.skip_nonfinite_steps}; {skipped_before + guard.skipped} skipped in total)")
+                log_metrics({"kind": "skip", "step": step, "loss": train_loss, "problem": problem,
+                             "skipped_total": skipped_before + guard.skipped})
+                step += 1
+                continue
+            limit = f" ({guard.consecutive} in a row, --skip-nonfinite-steps={args.skip_nonfinite_steps})" \
+                if args.skip_nonfinite_steps > 0 else ""
+            print0(f"step {step:05d} | {problem}; stopping before the optimizer step{limit}. "
                    f"The last saved checkpoint is untouched.")
             compute_cleanup()
             sys.exit(1)
+        guard.on_good_step()
         scores = None
         if dyn and dyn.is_full_step(step):
             # Relevance from the live gradients (before the optimizer step and zero_grad), on device.
@@ -557,11 +744,28 @@ def main():
                 torch.distributed.all_reduce(scores)
                 scores /= world_size
         lrm = lr_multiplier_time(train_elapsed / time_budget) if time_budget else lr_multiplier(step)
+        if spikes:  # --auto-lr-reduction: a loss spike scales every LR down from this step on
+            if line := spikes.update(step, train_loss):
+                print0(line)
+                log_metrics({"kind": "lr_reduction", "step": step, "loss": train_loss, "lr_scale": spikes.lr_scale})
+            if ddp:  # rank 0's detector decides, so every rank uses the same learning rates
+                scale = torch.tensor(spikes.lr_scale, dtype=torch.float64, device=device)
+                torch.distributed.broadcast(scale, 0)
+                spikes.lr_scale = scale.item()
+            lrm *= spikes.lr_scale
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * lrm
             if group["kind"] == "muon":
                 group["momentum"] = muon_momentum(step)
         optimizer.step()
+        if ema:
+            ema.update()
+        mem_probe.end("optimizer")
+        if after := guard.check_after_step():  # --debug-nan: the update itself went non-finite
+            print0(f"step {step:05d} | {after}; stopping (an optimizer step cannot be undone). "
+                   f"The last saved checkpoint is untouched.")
+            compute_cleanup()
+            sys.exit(1)
         model.zero_grad(set_to_none=True)
         if scores is not None:
             dyn.update(step, scores)  # one host sync, after the optimizer work has been queued
@@ -576,7 +780,7 @@ def main():
             compile_sec = dt
         else:
             total_training_time += dt
-        step_mem = max_memory() / 2**20
+        step_mem = max(max_memory(), mem_probe.step_peak()) / 2**20
         peak_step_mem.append(step_mem)
         mem = f" | mem {step_mem:,.0f}MiB" if device_type == "cuda" else ""
         smooth_loss = 0.9 * smooth_loss + 0.1 * train_loss
@@ -600,6 +804,8 @@ def main():
                      "active_layers": model_config.n_layer - active_start, "train_elapsed": train_elapsed,
                      "tokens": (step + 1) * total_batch_size})
         if dyn and (line := dyn.log_line(step)):
+            print0(line)
+        if line := mem_probe.report():
             print0(line)
         if step % 100 == 0:
             wandb_run.log({"step": step, "train/loss": debiased, "train/lrm": lrm, "train/tok_per_sec": tok_per_sec})
@@ -630,6 +836,11 @@ def main():
     if dyn:
         summary["dynamic_suffix"] = dyn.stats()
         print0(f"dynamic_suffix stats: {json.dumps(dyn.stats())}")
+    summary["nonfinite_skipped"] = skipped_before + guard.skipped
+    summary["lr_reductions"] = spikes.reductions if spikes else 0
+    if guard.skipped or summary["lr_reductions"]:
+        print0(f"robustness: {guard.skipped} non-finite steps skipped in this run ({summary['nonfinite_skipped']} in total); "
+               f"{summary['lr_reductions']} auto LR reductions" + (f" (LR scale x{spikes.lr_scale:.4g})" if spikes else ""))
     log_metrics(summary)
     if metrics:
         metrics.close()
