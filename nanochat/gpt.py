@@ -85,14 +85,17 @@ class CausalSelfAttention(nn.Module):
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
 
-    def forward(self, x, cos, sin, window: int, backend: str):
+    def forward(self, x, cos, sin, window: int, backend: str, kv_cache=None):
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
         q, k = norm(q), norm(k)  # QK-norm
-        y = attention(q, k, v, window, backend)
+        if kv_cache is not None:  # inference: append k/v to this layer's cache, attend over all of it
+            y = kv_cache.attend(q, k, v, window)
+        else:
+            y = attention(q, k, v, window, backend)
         return self.c_proj(y.reshape(B, T, -1))
 
 
@@ -117,9 +120,9 @@ class Block(nn.Module):
         self.resid_lambda = nn.Parameter(torch.ones(1))
         self.x0_lambda = nn.Parameter(torch.zeros(1))
 
-    def forward(self, x, x0, cos, sin, backend: str):
+    def forward(self, x, x0, cos, sin, backend: str, kv_cache=None):
         x = self.resid_lambda.to(x.dtype) * x + self.x0_lambda.to(x.dtype) * x0
-        x = x + self.attn(norm(x), cos, sin, self.window, backend)
+        x = x + self.attn(norm(x), cos, sin, self.window, backend, kv_cache)
         x = x + self.mlp(norm(x))
         return x
 
@@ -272,20 +275,34 @@ class GPT(nn.Module):
                             backend=self.lm_ce_backend, chunk_size=self.lm_ce_chunk_size,
                             reduction=loss_reduction)
 
-    def forward(self, idx, targets=None, active_start: int = 0, loss_reduction: str = "mean"):
+    def forward(self, idx, targets=None, active_start: int = 0, loss_reduction: str = "mean", kv_cache=None):
         """idx, targets: (B, T) int64. Returns the loss if targets are given, else fp32 logits.
 
-        Blocks [0, active_start) run without autograd; the boundary activation is detached."""
+        Blocks [0, active_start) run without autograd; the boundary activation is detached.
+        With `kv_cache` (a `nanochat.engine.KVCache`), `idx` continues the cached sequence: rotary
+        positions start at `kv_cache.pos`, every layer appends its k/v to the cache and attends
+        over all of it (windows on absolute positions), and the blocks run eager (their compiled
+        graphs were specialised to the training shapes). Inference only: logits are returned."""
         B, T = idx.shape
         n = self.config.n_layer
         if not 0 <= active_start <= n:
             raise ValueError(f"active_start={active_start} must be in [0, {n}]")
-        if T > self.rotary_seq_len:
-            raise ValueError(f"sequence length {T} exceeds the rotary table ({self.rotary_seq_len})")
-        cos, sin = self.cos[:, :T].to(self.compute_dtype), self.sin[:, :T].to(self.compute_dtype)
+        pos = 0 if kv_cache is None else kv_cache.pos
+        if pos + T > self.rotary_seq_len:
+            raise ValueError(f"sequence length {pos + T} exceeds the rotary table ({self.rotary_seq_len})")
+        cos = self.cos[:, pos:pos + T].to(self.compute_dtype)
+        sin = self.sin[:, pos:pos + T].to(self.compute_dtype)
         x = norm(self.transformer.wte(idx).to(self.compute_dtype))
         x0 = x
         blocks = self.transformer.h
+        if kv_cache is not None:
+            if targets is not None or active_start != 0:
+                raise ValueError("kv_cache is for inference: no targets, active_start=0")
+            for i, block in enumerate(blocks):
+                x = block.forward(x, x0, cos, sin, self.attn_backend, kv_cache=kv_cache.layer(i))
+            kv_cache.advance(T)
+            logits = self.lm_head(norm(x)).float()
+            return self.config.softcap * torch.tanh(logits / self.config.softcap)
         if active_start > 0:
             with torch.no_grad():
                 for block in blocks[:active_start]:

@@ -1,0 +1,444 @@
+"""Run configuration: `--config` files, checks that need the world size or the disk, the training
+horizon, `--dry-run`'s report and its peak-memory estimate.
+
+Config files (``--config FILE``, JSON or TOML): a flat table whose keys are flag names, with dashes
+or underscores and with or without the leading ``--`` (``max-seq-len``, ``max_seq_len``). The
+values become the parser's defaults, so a flag given on the command line always wins, and
+``--help`` shows the merged defaults. Each value is checked against the flag: a switch takes a
+boolean; a number flag takes a number (or a string, parsed as on the command line); choices are
+enforced. Unknown keys and wrong types are reported all at once, each naming the key, with exit
+code 2 (``fail`` in nanochat/cli.py).
+
+The horizon (batch size, number of steps, weight decay scaling) is computed here, by the same
+function for the real run and for ``--dry-run``, so the two can never disagree.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+
+from nanochat.gpt import GPT, GPTConfig
+
+# nanochat tuned its defaults at d12 with 2^19-token batches; the auto batch size and the weight
+# decay scale from there.
+B_REF = 2 ** 19
+CHINCHILLA_TOKENS_PER_PARAM = 20
+_NOT_IN_FILE = {"config", "help"}
+
+
+# ---------------------------------------------------------------------------------------------
+# --config FILE
+
+
+def _read_config_file(path: str) -> tuple[dict | None, str | None]:
+    """(table, None) or (None, problem)."""
+    if not os.path.isfile(path):
+        return None, f"--config={path}: file not found"
+    ext = os.path.splitext(path)[1].lower()
+    try:
+        if ext == ".json":
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        elif ext == ".toml":
+            try:
+                import tomllib  # noqa: PLC0415 (Python >= 3.11)
+            except ModuleNotFoundError:
+                return None, f"--config={path}: TOML needs Python >= 3.11 (tomllib); use a .json file"
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        else:
+            return None, f"--config={path}: unknown file type {ext or '(none)'!r}; use a .json or .toml file"
+    except (OSError, ValueError) as e:  # json.JSONDecodeError and tomllib.TOMLDecodeError are ValueErrors
+        return None, f"--config={path}: cannot parse ({type(e).__name__}: {e})"
+    if not isinstance(data, dict):
+        return None, f"--config={path}: the top level must be a table/object of flag names, got {type(data).__name__}"
+    return data, None
+
+
+def _flag_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """'--max-seq-len' -> action, for every long option."""
+    out = {}
+    for a in parser._actions:
+        for s in a.option_strings:
+            if s.startswith("--"):
+                out[s] = a
+    return out
+
+
+def _convert(key: str, value, action: argparse.Action, path: str) -> tuple[object, str | None]:
+    """A config value as the flag's Python value, or a problem naming the key."""
+    where = f"--config={path}: key {key!r}"
+    if action.nargs == 0:  # a switch (store_true)
+        if not isinstance(value, bool):
+            return None, f"{where} is a switch: use true or false, not {value!r}"
+        return value, None
+    if value is None:
+        if action.default is None:
+            return None, None
+        return None, f"{where} may not be null"
+    kind = action.type or str
+    if isinstance(value, bool) or isinstance(value, (dict, list)):
+        return None, f"{where} needs a {getattr(kind, '__name__', 'value')}, not {value!r}"
+    if isinstance(value, str) and kind is not str:
+        try:
+            value = kind(value)
+        except (TypeError, ValueError):
+            return None, f"{where}: {value!r} is not a valid {kind.__name__}"
+    elif kind is int and not isinstance(value, int):
+        return None, f"{where} needs an integer, not {value!r}"
+    elif kind is float and isinstance(value, (int, float)):
+        value = float(value)
+    elif kind is str and not isinstance(value, str):
+        return None, f"{where} needs a string, not {value!r}"
+    if action.choices is not None and value not in action.choices:
+        return None, f"{where}: {value!r} is not one of {', '.join(map(str, action.choices))}"
+    return value, None
+
+
+def config_file_defaults(parser: argparse.ArgumentParser, path: str) -> tuple[dict, list[str]]:
+    """({dest: value}, problems) for the flags set in config file `path`."""
+    data, problem = _read_config_file(path)
+    if problem:
+        return {}, [problem]
+    actions = _flag_actions(parser)
+    values, problems, seen = {}, [], {}
+    for key, value in data.items():
+        flag = "--" + str(key).lstrip("-").replace("_", "-")
+        action = actions.get(flag)
+        if action is None or action.dest in _NOT_IN_FILE:
+            if isinstance(value, dict):
+                hint = " (nested tables are not supported: put the flags at the top level)"
+            else:
+                close = difflib.get_close_matches(flag, list(actions), n=1)
+                hint = f" (did you mean {close[0][2:]!r}?)" if close else ""
+            problems.append(f"--config={path}: unknown key {key!r}{hint}")
+            continue
+        if action.dest in seen:
+            problems.append(f"--config={path}: keys {seen[action.dest]!r} and {key!r} both set {flag}")
+            continue
+        seen[action.dest] = key
+        converted, problem = _convert(str(key), value, action, path)
+        if problem:
+            problems.append(problem)
+        else:
+            values[action.dest] = converted
+    return values, problems
+
+
+def explicit_dests(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The dests that `argv` sets explicitly (parsed again with every default suppressed)."""
+    saved = [(a, a.default) for a in parser._actions]
+    saved_defaults = dict(parser._defaults)
+    try:
+        for a in parser._actions:
+            a.default = argparse.SUPPRESS
+        parser._defaults = {}
+        return set(vars(parser.parse_args(argv)))
+    finally:
+        for a, d in saved:
+            a.default = d
+        parser._defaults = saved_defaults
+
+
+def parse_with_config(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespace, dict, list[str]]:
+    """Parse `argv`, with `--config FILE` values as defaults. -> (args, sources, problems).
+
+    `sources` maps each dest to 'cli', 'config' or 'default'. With problems in the file, `args`
+    is None (the caller reports them and exits 2)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default="")
+    known, _ = pre.parse_known_args(argv)
+    file_values: dict = {}
+    if known.config:
+        file_values, problems = config_file_defaults(parser, known.config)
+        if problems:
+            return None, {}, problems
+        parser.set_defaults(**file_values)
+    args = parser.parse_args(argv)
+    cli = explicit_dests(parser, argv)
+    sources = {k: "cli" if k in cli else "config" if k in file_values else "default" for k in vars(args)}
+    return args, sources, []
+
+
+# ---------------------------------------------------------------------------------------------
+# model shape and horizon (shared by the run and --dry-run)
+
+
+def model_config_from_args(args: argparse.Namespace, vocab_size: int, depth: int | None = None) -> GPTConfig:
+    """GPTConfig from the flags: model_dim = depth * aspect_ratio rounded up to a multiple of head_dim."""
+    depth = args.depth if depth is None else depth
+    model_dim = ((depth * args.aspect_ratio + args.head_dim - 1) // args.head_dim) * args.head_dim
+    n_head = model_dim // args.head_dim
+    return GPTConfig(sequence_len=args.max_seq_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
+                     n_kv_head=n_head, n_embd=model_dim, window_pattern=args.window_pattern)
+
+
+def scaling_params(counts: dict) -> int:
+    """nanochat's scaling-law parameter count: block matrices + lm_head (no embedding, no scalars)."""
+    return counts["transformer_matrices"] + counts["lm_head"]
+
+
+@dataclass
+class Horizon:
+    total_batch_size: int  # tokens per optimizer step, all ranks
+    auto_batch: bool  # total_batch_size came from the scaling rule (--total-batch-size=-1)
+    grad_accum_steps: int
+    num_iterations: int  # 10**9 under a pure time budget (the clock ends the run)
+    time_budget: float | None
+    target_tokens: int  # ratio * scaling params (the data horizon the scaling rules assume)
+    weight_decay: float  # --weight-decay scaled for batch size and horizon
+    total_tokens: int  # total_batch_size * num_iterations
+
+
+def plan_horizon(args: argparse.Namespace, num_scaling_params: int, flops_per_token: float, vocab_size: int,
+                 world_size: int) -> Horizon:
+    """nanochat's scaling rules: auto batch size, number of steps (the first horizon flag set
+    wins), weight decay scaled from the d12 reference."""
+    with torch.device("meta"):  # shapes only: count d12 parameters without allocating
+        d12 = GPT(model_config_from_args(args, vocab_size, depth=12))
+    ratio = args.target_param_data_ratio if args.target_param_data_ratio > 0 else 10.5
+    target_tokens = int(ratio * num_scaling_params)
+    d_ref = ratio * scaling_params(d12.num_scaling_params())
+    per_step = args.device_batch_size * args.max_seq_len * world_size
+    total_batch_size = args.total_batch_size
+    auto = total_batch_size == -1
+    if auto:
+        # Optimal batch grows as D^0.383 (Power Lines); 2^19 tokens is optimal at d12.
+        predicted = B_REF * (target_tokens / d_ref) ** 0.383
+        total_batch_size = 2 ** round(math.log2(predicted))
+        total_batch_size = max(per_step, (total_batch_size // per_step) * per_step)
+    grad_accum_steps = total_batch_size // per_step
+    # Learning rates are used as given. (nanochat multiplies them by sqrt(B / 2^19); at the d12
+    # anchor config, B = 32k, that cost 0.046 val bpb after 520 steps on an H100: 1.4696 vs 1.4240,
+    # see docs/benchmarks.md.) Weight decay keeps nanochat's horizon/batch scaling.
+    weight_decay = args.weight_decay * (total_batch_size / B_REF) ** 0.5 * (d_ref / target_tokens)
+    time_budget = args.time_budget_sec if args.time_budget_sec > 0 else None
+    if args.num_iterations > 0:
+        num_iterations = args.num_iterations
+    elif time_budget:
+        num_iterations = 10 ** 9  # the clock ends the run
+    elif args.target_flops > 0:
+        num_iterations = max(1, round(args.target_flops / (flops_per_token * total_batch_size)))
+    else:
+        num_iterations = max(1, target_tokens // total_batch_size)
+    return Horizon(total_batch_size, auto, grad_accum_steps, num_iterations, time_budget, target_tokens,
+                   weight_decay, total_batch_size * num_iterations)
+
+
+# ---------------------------------------------------------------------------------------------
+# checks that need the world size, the disk or the checkpoint directory
+
+
+def run_problems(args: argparse.Namespace, world_size: int) -> list[str]:
+    """Problems validate_args cannot see (it is pure and assumes nothing about the launch)."""
+    from nanochat.cli import batch_problems  # noqa: PLC0415 (cli imports scripts lazily)
+    problems = []
+    if args.total_batch_size > 0:
+        problems += batch_problems(args.total_batch_size, args.device_batch_size, args.max_seq_len, world_size)
+    per_step = args.device_batch_size * args.max_seq_len * world_size
+    if args.eval_every > 0 and args.eval_tokens < per_step:
+        problems.append(f"--eval-tokens={args.eval_tokens} is less than one evaluation batch (device-batch-size * "
+                        f"max-seq-len * world size = {per_step}); use --eval-tokens >= {per_step} or "
+                        f"--eval-every=-1 to turn evaluation off")
+    if args.metrics_file:
+        parent = os.path.dirname(os.path.abspath(args.metrics_file))
+        if not os.path.isdir(parent):
+            problems.append(f"--metrics-file={args.metrics_file}: directory {parent} does not exist; create it first")
+        elif os.path.isdir(args.metrics_file):
+            problems.append(f"--metrics-file={args.metrics_file} is a directory; give a file name")
+    return problems
+
+
+def resolve_resume(args: argparse.Namespace, checkpoint_dir: str) -> tuple[int | None, str | None]:
+    """(step to resume from or None, problem or None) for --resume-from-step / --resume-latest."""
+    from nanochat.checkpoint import CheckpointError, latest_complete_step, resolve_resume_step  # noqa: PLC0415
+    if args.resume_latest:
+        step = latest_complete_step(checkpoint_dir)
+        if step is None:
+            return None, (f"--resume-latest: no complete checkpoint in {checkpoint_dir} (a step_NNNNNN directory "
+                          f"with DONE); start without --resume-latest, or check --model-tag / NANOCHAT_BASE_DIR")
+        return step, None
+    if args.resume_from_step == -1:
+        return None, None
+    try:
+        return resolve_resume_step(checkpoint_dir, args.resume_from_step), None
+    except CheckpointError as e:
+        return None, f"--resume-from-step={args.resume_from_step}: {e}"
+
+
+def horizon_problems(resume_step: int | None, plan: Horizon) -> list[str]:
+    """A resumed step past the horizon would never meet `step == num_iterations`."""
+    if resume_step is not None and resume_step > plan.num_iterations:
+        return [f"resuming from step {resume_step}, but the run ends at step {plan.num_iterations}; "
+                f"raise --num-iterations (or the other horizon flags) above {resume_step}"]
+    return []
+
+
+# ---------------------------------------------------------------------------------------------
+# peak memory estimate
+
+# Saved-for-backward activations of one block, in elements per token per model dim: counted with
+# saved-tensor hooks on this model (eager: 19.06 at d=128 and d=256), and it reproduces the d12
+# anchor's measured peak (14.8 GiB, compiled, bf16: see the module docstring of estimate_memory).
+ACT_ELEMS_PER_TOKEN_DIM_LAYER = 19
+
+
+def estimate_memory(cfg: GPTConfig, device_batch_size: int, *, compute_bytes: int = 2, compiled: bool = True,
+                    lm_ce_backend: str = "baseline", lm_ce_chunk_size: int = 8192) -> dict[str, int]:
+    """Estimated bytes on one device during a full (every block trains) training step.
+
+    Parameters and gradients are fp32 (the model's master weights); AdamW (embedding, lm_head,
+    scalars) keeps two fp32 moments, Muon (block matrices) one fp32 momentum. Under bf16 autocast
+    (`compute_bytes` = 2) the matmul weights also get bf16 copies. Activations: 19 saved elements
+    per token, per layer, per model dim (measured), in the compute dtype. The LM-head loss (see
+    docs/optimizations/lm_head_ce.md): baseline keeps the full (tokens x vocab) logits -- about one
+    compute-dtype copy when compiled, about four fp32 copies at the peak when eager; chunked keeps
+    an fp32 dW and dx plus (chunk x vocab) temporaries. Sanity check against the d12 anchor (bf16,
+    compiled, baseline CE, batch 32 x 1024, vocab 32768; a reference nanochat measured 14.8 GiB
+    on an H100): this gives
+    14.8 GiB. FP8 and frozen-prefix (dynamic_suffix) savings are not modelled: full steps peak.
+
+    Returns the components and 'peak' (their sum, or the optimizer step's peak if larger).
+    """
+    with torch.device("meta"):
+        model = GPT(cfg)
+    counts = model.num_scaling_params()
+    muon_groups: dict[tuple, int] = {}
+    for block in model.transformer.h:
+        for p in block.parameters():
+            if p.dim() == 2:
+                muon_groups[tuple(p.shape)] = muon_groups.get(tuple(p.shape), 0) + p.numel()
+    del model
+    total = counts["total"]
+    n_tok = device_batch_size * cfg.sequence_len
+    d, vocab = cfg.n_embd, cfg.vocab_size
+    out = {
+        "params": 4 * total,
+        "grads": 4 * total,
+        "optimizer_state": 8 * (counts["wte"] + counts["lm_head"] + counts["scalars"]) + 4 * counts["transformer_matrices"],
+        "weight_copies": (compute_bytes * (counts["transformer_matrices"] + counts["lm_head"]) if compute_bytes < 4 else 0),
+        "activations": compute_bytes * n_tok * d * (ACT_ELEMS_PER_TOKEN_DIM_LAYER * cfg.n_layer + 4),
+    }
+    if lm_ce_backend == "baseline":
+        out["lm_head_loss"] = n_tok * vocab * (compute_bytes if compiled else 16)
+    else:
+        chunk = min(lm_ce_chunk_size, n_tok)
+        out["lm_head_loss"] = 4 * vocab * d + compute_bytes * n_tok * d + chunk * vocab * (2 * compute_bytes if compiled else 12)
+    step_peak = sum(out.values())
+    # Optimizer step: activations are gone; Muon stacks the largest same-shape group (~4 fp32 copies).
+    opt_peak = out["params"] + out["grads"] + out["optimizer_state"] + 16 * max(muon_groups.values(), default=0)
+    out["peak"] = max(step_peak, opt_peak)
+    return out
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit, div in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if n >= div:
+            return f"{n / div:,.2f} {unit}"
+    return f"{n:,.0f} B"
+
+
+# ---------------------------------------------------------------------------------------------
+# --dry-run
+
+
+def _fmt_tokens(n: float) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:,.2f}{unit}"
+    return f"{n:,.0f}"
+
+
+def dry_run_report(args: argparse.Namespace, sources: dict, device_type: str, world_size: int) -> tuple[str, list[str]]:
+    """Everything a run would decide, without a device, data or weights. -> (report, problems).
+
+    Reads the tokenizer (for the vocabulary size) and, when resuming, the checkpoint's meta.json
+    (to check that it exists and that its model config matches); builds the model on the meta
+    device only."""
+    from nanochat.checkpoint import META_FILE, diff_model_config, step_dir  # noqa: PLC0415
+    from nanochat.common import get_base_dir  # noqa: PLC0415
+    from nanochat.tokenizer import get_tokenizer  # noqa: PLC0415
+    problems = run_problems(args, world_size)
+    try:
+        vocab_size = get_tokenizer().get_vocab_size()
+    except Exception as e:  # noqa: BLE001 (missing/corrupt tokenizer: the same one line as a real run)
+        return "", problems + [str(e)]
+    cfg = model_config_from_args(args, vocab_size)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    counts = model.num_scaling_params()
+    flops_per_token = model.estimate_flops()
+    n_scaling = scaling_params(counts)
+    plan = plan_horizon(args, n_scaling, flops_per_token, vocab_size, world_size)
+
+    checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", args.model_tag or f"d{args.depth}")
+    resume_step, problem = resolve_resume(args, checkpoint_dir)
+    resume_line = "resume: no (fresh start)"
+    if problem:
+        problems.append(problem)
+    elif resume_step is not None:
+        problems += horizon_problems(resume_step, plan)
+        try:
+            with open(os.path.join(step_dir(checkpoint_dir, resume_step), META_FILE), encoding="utf-8") as f:
+                saved = json.load(f)["model_config"]
+            mismatch = diff_model_config(saved, asdict(cfg))
+        except (OSError, ValueError, KeyError) as e:
+            mismatch = [f"cannot read its {META_FILE}: {type(e).__name__}: {e}"]
+        if mismatch:
+            problems.append(f"checkpoint {checkpoint_dir} step {resume_step} does not match this run: " + "; ".join(mismatch))
+        resume_line = f"resume: step {resume_step} of {checkpoint_dir} (model config matches)"
+    if problems:
+        return "", problems
+
+    notes = []
+    if device_type == "cuda" and not torch.cuda.is_available():
+        notes.append("CUDA is not visible on this machine: the real run needs it (planning only)")
+    if args.fp8 and not (device_type == "cuda" and not torch.cuda.is_available()):
+        from nanochat.fp8 import check_fp8_hardware  # noqa: PLC0415 (reads the capability; no allocation)
+        if hw := check_fp8_hardware(device_type):
+            return "", [hw]
+    on_gpu = device_type in ("cuda", "")
+    compute_bytes = 2 if on_gpu else 4
+    compiled = not args.no_compile
+    mem = estimate_memory(cfg, args.device_batch_size, compute_bytes=compute_bytes, compiled=compiled,
+                          lm_ce_backend=args.lm_ce_backend, lm_ce_chunk_size=args.lm_ce_chunk_size)
+
+    width = max(len(k) for k in vars(args)) + 2
+    lines = ["dry run: flags validated; no device, data or weights touched",
+             f"resolved config ({len(vars(args))} flags; source: cli, config file{' ' + args.config if args.config else ''}, or default):"]
+    for k, v in vars(args).items():
+        lines.append(f"  --{k.replace('_', '-'):<{width}} {json.dumps(v)}  [{sources.get(k, 'default')}]")
+    lines.append(f"model: {json.dumps(asdict(cfg))}")
+    lines.append("parameters: " + ", ".join(f"{k}={v:,}" for k, v in counts.items())
+                 + f"; scaling params (matrices + lm_head) = {n_scaling:,}")
+    lines.append(f"FLOPs per token (training): {flops_per_token:.3e}")
+    auto = " (auto from the scaling rule)" if plan.auto_batch else ""
+    lines.append(f"batch: {plan.total_batch_size:,} tokens per step{auto} = {args.device_batch_size} x {args.max_seq_len} "
+                 f"x {world_size} ranks x {plan.grad_accum_steps} accum steps; weight decay {plan.weight_decay:.5f}")
+    budget = CHINCHILLA_TOKENS_PER_PARAM * n_scaling
+    if plan.time_budget and args.num_iterations <= 0:
+        lines.append(f"horizon: {plan.time_budget:.0f}s of step time (steps unknown until it runs)")
+        lines.append(f"token budget (Chinchilla, {CHINCHILLA_TOKENS_PER_PARAM} x scaling params): {_fmt_tokens(budget)} "
+                     f"tokens; planned tokens depend on the speed")
+    else:
+        cap = f" (at most; --time-budget-sec={plan.time_budget:.0f}s may end it earlier)" if plan.time_budget else ""
+        lines.append(f"horizon: {plan.num_iterations:,} steps x {plan.total_batch_size:,} tokens = "
+                     f"{_fmt_tokens(plan.total_tokens)} tokens{cap}; {flops_per_token * plan.total_tokens:.3e} FLOPs")
+        lines.append(f"token budget (Chinchilla, {CHINCHILLA_TOKENS_PER_PARAM} x {_fmt_tokens(n_scaling)} scaling params): "
+                     f"{_fmt_tokens(budget)} tokens; planned {_fmt_tokens(plan.total_tokens)} = "
+                     f"{plan.total_tokens / budget:.3g}x the budget ({plan.total_tokens / n_scaling:.1f} tokens/param)")
+    dtype = "bf16 autocast" if compute_bytes == 2 else "fp32"
+    parts = ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in mem.items() if k != "peak")
+    lines.append(f"estimated peak memory per device: {_fmt_bytes(mem['peak'])} (device batch {args.device_batch_size} x "
+                 f"{args.max_seq_len}, {dtype}, {'compiled' if compiled else 'eager'}, {args.lm_ce_backend} CE): {parts}")
+    lines.append(resume_line)
+    for n in notes:
+        lines.append(f"note: {n}")
+    lines.append("dry run OK: exiting without training")
+    return "\n".join(lines), []

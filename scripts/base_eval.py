@@ -1,0 +1,144 @@
+"""Evaluate a base-model checkpoint: validation bits per byte and the CORE metric.
+
+    python -m scripts.base_eval --model-tag=d12                     # latest step, bpb + CORE
+    python -m scripts.base_eval --model-tag=d12 --step=520 --evals=core --core-max-per-task=500
+    torchrun --nproc_per_node=2 -m scripts.base_eval --model-tag=d12
+
+The model is rebuilt from the checkpoint's meta.json and loaded with nanochat.checkpoint (never
+executing code); when the checkpoint holds a weight EMA it is evaluated unless --no-ema. It runs
+the full model, eager, in bf16 autocast on CUDA (fp32 on CPU), the same view of the model that
+training's evaluations use. CORE reads $NANOCHAT_BASE_DIR/eval_bundle (see nanochat/core_eval.py),
+downloading nanochat's bundle when online. The last line is `base_eval: {json}` with every number
+and its time, so runs can be compared by script.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+
+from nanochat.common import UsageError, autodetect_device_type, compute_cleanup, compute_init, print0
+
+EVALS = ("bpb", "core", "sample")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m scripts.base_eval", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model-tag", type=str, default=None,
+                   help="checkpoint directory under base_checkpoints (default: the most recently written one)")
+    p.add_argument("--step", type=int, default=-1, help="checkpoint step (-1 = latest complete)")
+    p.add_argument("--evals", type=str, default="bpb,core", help=f"comma-separated subset of {','.join(EVALS)}")
+    p.add_argument("--device-type", type=str, default="", help="cuda | cpu | mps; empty = autodetect")
+    p.add_argument("--device-batch-size", type=int, default=32, help="sequences per forward for val bpb")
+    p.add_argument("--eval-tokens", type=int, default=40 * 524288, help="validation tokens for bpb")
+    p.add_argument("--core-max-per-task", type=int, default=-1, help="examples per CORE task (-1 = all)")
+    p.add_argument("--bundle-dir", type=str, default="", help="CORE eval bundle directory (empty = $NANOCHAT_BASE_DIR/eval_bundle)")
+    p.add_argument("--no-ema", action="store_true", help="evaluate the raw weights even if the checkpoint has a weight EMA")
+    return p
+
+
+def fail(problems: list[str]) -> None:
+    print("base_eval: error: " + "; ".join(problems), file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def validate_args(args) -> list[str]:
+    problems = []
+    evals = [e.strip() for e in args.evals.split(",") if e.strip()]
+    bad = [e for e in evals if e not in EVALS]
+    if bad or not evals:
+        problems.append(f"--evals={args.evals!r}: choose a comma-separated subset of {','.join(EVALS)}")
+    if args.device_type not in ("", "cuda", "cpu", "mps"):
+        problems.append(f"--device-type={args.device_type!r} must be cuda, cpu, mps or empty (autodetect)")
+    if args.step < -1:
+        problems.append(f"--step={args.step} must be >= 0 or -1 (latest)")
+    if args.device_batch_size < 1:
+        problems.append(f"--device-batch-size={args.device_batch_size} must be >= 1")
+    if args.eval_tokens < 1:
+        problems.append(f"--eval-tokens={args.eval_tokens} must be >= 1")
+    if args.core_max_per_task == 0 or args.core_max_per_task < -1:
+        problems.append(f"--core-max-per-task={args.core_max_per_task} must be >= 1 or -1 (all)")
+    return problems
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    problems = validate_args(args)
+    if problems:
+        fail(problems)
+    evals = [e.strip() for e in args.evals.split(",") if e.strip()]
+    device_type = args.device_type or autodetect_device_type()
+    try:
+        ddp, rank, _, world_size, device = compute_init(device_type)
+    except UsageError as e:
+        fail([str(e)])
+    autocast_ctx = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
+
+    from nanochat.checkpoint import CheckpointError  # noqa: PLC0415
+    from nanochat.engine import eval_mode, load_model  # noqa: PLC0415
+    from nanochat.tokenizer import TokenizerError, get_token_bytes, get_tokenizer  # noqa: PLC0415
+    try:
+        tokenizer = get_tokenizer()
+        model, meta, weights = load_model(args.model_tag, args.step, device, use_ema=not args.no_ema)
+    except (CheckpointError, TokenizerError) as e:
+        fail([str(e)])
+    if model.config.vocab_size != tokenizer.get_vocab_size():
+        fail([f"the checkpoint's vocab_size {model.config.vocab_size} differs from the tokenizer's "
+              f"{tokenizer.get_vocab_size()}: evaluate with the tokenizer the model was trained with"])
+    seq_len = model.config.sequence_len
+    print0(f"base_eval: {meta['model_dir']} step {meta['step']} ({weights} weights), device {device}, evals {evals}")
+    result = {"model_dir": meta["model_dir"], "step": meta["step"], "weights": weights, "device": str(device)}
+
+    if "bpb" in evals:
+        from nanochat.dataloader import build_loader  # noqa: PLC0415
+        from nanochat.evaluation import evaluate_bpb  # noqa: PLC0415
+        steps = max(1, args.eval_tokens // (args.device_batch_size * seq_len * world_size))
+        loader = build_loader(tokenizer, args.device_batch_size, seq_len, "val", device=device,
+                              rank=rank, world_size=world_size)
+        t0 = time.time()
+        with eval_mode(model):
+            bpb = evaluate_bpb(model, loader, steps, get_token_bytes(device=device), autocast_ctx)
+        result.update(val_bpb=bpb, val_tokens=steps * args.device_batch_size * seq_len * world_size,
+                      bpb_seconds=time.time() - t0)
+        print0(f"val bpb {bpb:.4f} on {result['val_tokens']:,} tokens in {result['bpb_seconds']:.1f}s")
+
+    if "core" in evals:
+        from nanochat.core_eval import ensure_eval_bundle, evaluate_core  # noqa: PLC0415
+        bundle = None
+        if rank == 0:
+            bundle = ensure_eval_bundle(args.bundle_dir or None, log=print0)
+        if ddp:
+            torch.distributed.barrier()
+            if rank != 0:
+                bundle = ensure_eval_bundle(args.bundle_dir or None, download=False, log=lambda *a: None)
+        if bundle:
+            with eval_mode(model, eager=True):  # variable lengths: no flex recompiles (see engine.uncompiled)
+                core = evaluate_core(model, tokenizer, bundle, device, args.core_max_per_task, max_seq_len=seq_len,
+                                     autocast_ctx=autocast_ctx, log=print0)
+            result.update(core=core["core"], core_centered=core["centered"], core_accuracy=core["accuracy"],
+                          core_examples=core["examples"], core_seconds=core["seconds"])
+            print0(f"CORE {core['core']:.4f} ({len(core['centered'])} tasks, {sum(core['examples'].values()):,} "
+                   f"examples) in {core['seconds']:.1f}s")
+        else:
+            result["core"] = None
+
+    if "sample" in evals and rank == 0:
+        from nanochat.engine import sample_prompts  # noqa: PLC0415
+        with eval_mode(model, eager=True):
+            samples = sample_prompts(model, tokenizer, autocast_ctx=autocast_ctx)
+        for s in samples:
+            print0(f"sample | {s!r}")
+        result["samples"] = samples
+
+    print0("base_eval: " + json.dumps(result))
+    compute_cleanup()
+    return result
+
+
+if __name__ == "__main__":
+    main()

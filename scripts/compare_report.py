@@ -1,0 +1,535 @@
+"""Summarise a `runs/dynamic_suffix_compare.sh` results dir (docs/compare.md defines every number).
+
+    python -m scripts.compare_report RESULTS_DIR
+
+Reads `runs.tsv` (one line per run, written by the runner: seed, run order, the run's wall time,
+exit code, command) and each run's `--metrics-file` JSONL (base_train's step / eval / summary
+records). Without `runs.tsv` it falls back to every `*.metrics.jsonl` in the dir (no wall time, so
+no setup_sec). Writes:
+
+- `summary.csv`: one row per run (COLUMNS);
+- `summary.md`: per-arm medians over seeds, ratios dynamic/full of those medians, the per-seed
+  paired val bpb differences, the flags in which the arms' commands differ, every run's row;
+- `val_bpb_vs_time.png` (+ `val_bpb_vs_time_tail.png`, the second half of the time axis zoomed,
+  and `val_bpb_vs_time.csv`, the plotted points): val bpb against train_elapsed for every run, drawn by the small PNG renderer below (matplotlib is not a
+  dependency of the project; the renderer needs only zlib and struct).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import statistics
+import struct
+import sys
+import zlib
+
+SPEC_COLUMNS = ["variant", "schedule", "num_iterations", "elapsed_sec", "max_tok_per_sec", "avg_tok_per_sec",
+                "final_loss", "min_val_bpb", "avg_step_peak_vram_mib", "peak_vram_mib", "active_layers_mean",
+                "active_layers_range"]
+COLUMNS = SPEC_COLUMNS + ["seed", "tokens", "compile_sec", "setup_sec", "final_val_bpb", "wall_sec", "status", "run_id"]
+NUMERIC = ["num_iterations", "elapsed_sec", "max_tok_per_sec", "avg_tok_per_sec", "final_loss", "min_val_bpb",
+           "avg_step_peak_vram_mib", "peak_vram_mib", "active_layers_mean", "tokens", "compile_sec", "setup_sec",
+           "final_val_bpb", "wall_sec"]
+DIGITS = {"elapsed_sec": 2, "max_tok_per_sec": 1, "avg_tok_per_sec": 1, "final_loss": 6, "min_val_bpb": 6,
+          "avg_step_peak_vram_mib": 2, "peak_vram_mib": 2, "active_layers_mean": 2, "compile_sec": 2,
+          "setup_sec": 2, "final_val_bpb": 6, "wall_sec": 2}
+FINAL_LOSS_FRAC = 0.05  # final_loss = mean raw train loss of the last 5% of steps (at least one step)
+NA = "NA"
+TAIL_FROM = 0.5  # val_bpb_vs_time_tail.png: evals at train_elapsed >= this fraction of the longest run
+
+
+# -----------------------------------------------------------------------------
+# Reading
+
+
+def read_metrics(path: str) -> tuple[list[dict], list[dict], dict | None]:
+    """(step records, eval records, last summary record) of one metrics JSONL file.
+
+    A run that crashed may leave a truncated last line: unparsable lines are skipped, not fatal.
+    """
+    steps, evals, summary = [], [], None
+    if not os.path.exists(path):
+        return steps, evals, summary
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            kind = rec.get("kind")
+            if kind == "step":
+                steps.append(rec)
+            elif kind == "eval":
+                evals.append(rec)
+            elif kind == "summary":
+                summary = rec
+    return steps, evals, summary
+
+
+def read_runs(results_dir: str) -> list[dict]:
+    """The runner's manifest rows, or (no manifest) one pseudo-row per *.metrics.jsonl."""
+    manifest = os.path.join(results_dir, "runs.tsv")
+    if os.path.exists(manifest):
+        with open(manifest, encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+        latest = {r["run_id"]: r for r in rows}  # a run repeated after RESUME=1: its last attempt counts
+        return list(latest.values())
+    runs = []
+    for name in sorted(os.listdir(results_dir)):
+        if name.endswith(".metrics.jsonl"):
+            run_id = name[: -len(".metrics.jsonl")]
+            seed = run_id.rsplit("_s", 1)[1] if "_s" in run_id else ""
+            runs.append({"run_id": run_id, "seed": seed if seed.isdigit() else "", "metrics_file": name,
+                         "log_file": run_id + ".log" if os.path.exists(os.path.join(results_dir, run_id + ".log")) else ""})
+    return runs
+
+
+def _num(x):
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+# -----------------------------------------------------------------------------
+# One run -> one row
+
+
+def run_row(run: dict, steps: list[dict], evals: list[dict], summary: dict | None) -> dict:
+    """The summary.csv row of one run (None = not available, written as NA)."""
+    schedule = (summary or {}).get("schedule") or run.get("schedule") or ""
+    variant = run.get("variant") or {"full_update": "full", "dynamic_suffix": "dynamic"}.get(schedule, schedule)
+    exit_code = run.get("exit_code", "")
+    status = "ok" if summary is not None and exit_code in ("", "0") else "failed"
+    row = {c: None for c in COLUMNS}
+    row.update(run_id=run.get("run_id", ""), variant=variant, schedule=schedule, seed=run.get("seed") or None,
+               status=status, wall_sec=_num(run.get("wall_sec")))
+    if steps:
+        later = steps[1:]  # the first step of the process compiles: excluded from the rates
+        row["num_iterations"] = len(steps)
+        row["elapsed_sec"] = steps[-1]["train_elapsed"]
+        row["compile_sec"] = steps[0]["dt"]
+        row["tokens"] = steps[-1]["tokens"]
+        if later:
+            row["max_tok_per_sec"] = max(s["tok_per_sec"] for s in later)
+            batch = steps[0]["tokens"] / (steps[0]["step"] + 1)  # tokens per optimizer step
+            row["avg_tok_per_sec"] = len(later) * batch / sum(s["dt"] for s in later)
+        n_last = max(1, math.ceil(FINAL_LOSS_FRAC * len(steps)))
+        row["final_loss"] = statistics.fmean(s["loss"] for s in steps[-n_last:])
+        peaks = [s["step_peak_mib"] for s in steps if s.get("step_peak_mib") is not None]
+        if peaks:
+            row["avg_step_peak_vram_mib"] = statistics.fmean(peaks)
+            row["peak_vram_mib"] = max(peaks)
+        active = [s["active_layers"] for s in steps if s.get("active_layers") is not None]
+        if active:
+            row["active_layers_mean"] = statistics.fmean(active)
+            row["active_layers_range"] = f"{min(active)}-{max(active)}"
+    if summary is not None:  # the summary's own numbers win where it has them
+        row["num_iterations"] = summary.get("steps_this_run", summary.get("steps", row["num_iterations"]))
+        row["elapsed_sec"] = summary.get("train_elapsed", row["elapsed_sec"])
+        row["tokens"] = summary.get("tokens", row["tokens"])
+        if summary.get("first_step_sec") is not None:
+            row["compile_sec"] = summary["first_step_sec"]
+        if summary.get("peak_mib") is not None:
+            row["peak_vram_mib"] = summary["peak_mib"]
+    bpbs = [e["val_bpb"] for e in evals if _num(e.get("val_bpb")) is not None]
+    if bpbs:
+        row["min_val_bpb"] = min(bpbs)
+        row["final_val_bpb"] = bpbs[-1]
+    if row["wall_sec"] is not None and row["elapsed_sec"] is not None:
+        row["setup_sec"] = row["wall_sec"] - row["elapsed_sec"]
+    return row
+
+
+def fmt(col: str, v) -> str:
+    if v is None:
+        return NA
+    if isinstance(v, float) and col in DIGITS:
+        return f"{v:.{DIGITS[col]}f}"
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return str(v)
+
+
+# -----------------------------------------------------------------------------
+# Aggregation
+
+
+def median_or_none(values):
+    vals = [v for v in (_num(x) for x in values) if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def arm_medians(rows: list[dict]) -> list[dict]:
+    """Per variant: the median over its successful runs (seeds) of every numeric column."""
+    out = []
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        arm = [r for r in rows if r["variant"] == variant and r["status"] == "ok"]
+        m = {"variant": variant, "schedule": next(r["schedule"] for r in rows if r["variant"] == variant),
+             "runs": len(arm), "failed": sum(r["variant"] == variant and r["status"] != "ok" for r in rows)}
+        for c in NUMERIC:
+            m[c] = median_or_none(r[c] for r in arm)
+        out.append(m)
+    return out
+
+
+def ratios(medians: list[dict]) -> dict | None:
+    """dynamic/full of the arms' medians, and dynamic - full of their val bpb (None if an arm is missing)."""
+    full = next((m for m in medians if m["schedule"] == "full_update"), None)
+    dyn = next((m for m in medians if m["schedule"] == "dynamic_suffix"), None)
+    if full is None or dyn is None:
+        return None
+
+    def ratio(c):
+        a, b = dyn[c], full[c]
+        return a / b if a is not None and b not in (None, 0) else None
+
+    def diff(c):
+        a, b = dyn[c], full[c]
+        return a - b if a is not None and b is not None else None
+
+    return {"full": full, "dynamic": dyn,
+            "ratio": {c: ratio(c) for c in ("avg_tok_per_sec", "max_tok_per_sec", "elapsed_sec", "num_iterations",
+                                            "tokens", "compile_sec", "setup_sec", "avg_step_peak_vram_mib",
+                                            "peak_vram_mib")},
+            "diff": {c: diff(c) for c in ("final_val_bpb", "min_val_bpb", "final_loss")}}
+
+
+def paired_diffs(rows: list[dict], col: str) -> list[tuple[str, float]]:
+    """(seed, dynamic - full) of `col` for every seed that has a successful run in both arms."""
+    by = {}
+    for r in rows:
+        if r["status"] == "ok" and r["seed"] is not None and r[col] is not None:
+            by.setdefault(r["seed"], {})[r["schedule"]] = r[col]
+    return [(s, d["dynamic_suffix"] - d["full_update"]) for s, d in by.items()
+            if "dynamic_suffix" in d and "full_update" in d]
+
+
+def command_of(results_dir: str, run: dict) -> str:
+    """The base_train command of a run: from runs.tsv, else from the speedrun_small.sh line of its log."""
+    if run.get("command"):
+        return run["command"]
+    log = os.path.join(results_dir, run.get("log_file") or "")
+    if run.get("log_file") and os.path.exists(log):
+        with open(log, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("speedrun_small.sh: command: "):
+                    return line[len("speedrun_small.sh: command: "):].strip()
+    return ""
+
+
+PER_RUN_FLAGS = ("--model-tag=", "--metrics-file=")
+
+
+def flag_difference(cmd_full: str, cmd_dyn: str) -> tuple[list[str], list[str], str]:
+    """Flags only in the full arm's command, only in the dynamic arm's, and the shared command.
+
+    --model-tag and --metrics-file (per run by construction) are left out; so that the shared
+    command holds no machine paths, they are shown as placeholders and the interpreter by its name.
+    """
+    def flags(cmd):
+        toks = cmd.split()
+        if toks:  # the interpreter: its name only (PYTHON may be a path on the machine)
+            toks[0] = os.path.basename(toks[0])
+        return [t for t in toks if not t.startswith(PER_RUN_FLAGS)]
+    a, b = flags(cmd_full), flags(cmd_dyn)
+    shared = [t for t in a if t in b] + ["--model-tag=<per run>", "--metrics-file=<per run>"]
+    return [t for t in a if t not in b], [t for t in b if t not in a], " ".join(shared)
+
+
+# -----------------------------------------------------------------------------
+# PNG line plot (no matplotlib): RGB canvas, lines, markers, a 3x5 bitmap font.
+
+_FONT = {  # 3 columns x 5 rows per glyph, row-major
+    "0": "111101101101111", "1": "010110010010111", "2": "111001111100111", "3": "111001111001111",
+    "4": "101101111001001", "5": "111100111001111", "6": "111100111101111", "7": "111001001010010",
+    "8": "111101111101111", "9": "111101111001111", ".": "000000000000010", "-": "000000111000000",
+    "A": "010101111101101", "B": "110101110101110", "C": "011100100100011", "D": "110101101101110",
+    "E": "111100110100111", "F": "111100110100100", "G": "011100101101011", "H": "101101111101101",
+    "I": "111010010010111", "J": "001001001101010", "K": "101101110101101", "L": "100100100100111",
+    "M": "101111111101101", "N": "110101101101101", "O": "010101101101010", "P": "110101110100100",
+    "Q": "010101101110011", "R": "110101110101101", "S": "011100010001110", "T": "111010010010010",
+    "U": "101101101101111", "V": "101101101101010", "W": "101101111111101", "X": "101101010101101",
+    "Y": "101101010010010", "Z": "111001010100111", "_": "000000000000111", " ": "000000000000000",
+    "/": "001001010100100", "(": "010100100100010", ")": "010001001001010", "=": "000111000111000",
+    ":": "000010000010000",
+}
+PALETTES = {  # full_update runs in blues/greens, dynamic_suffix runs in reds/oranges
+    "full_update": [(31, 119, 180), (23, 190, 207), (44, 160, 44), (57, 73, 171), (0, 90, 90)],
+    "dynamic_suffix": [(214, 39, 40), (255, 127, 14), (148, 103, 189), (227, 119, 194), (140, 86, 75)],
+    "": [(80, 80, 80), (188, 189, 34)],
+}
+
+
+class Canvas:
+    def __init__(self, width: int, height: int, bg=(255, 255, 255)):
+        self.w, self.h = width, height
+        self.px = bytearray(bytes(bg) * (width * height))
+
+    def set(self, x: int, y: int, rgb) -> None:
+        if 0 <= x < self.w and 0 <= y < self.h:
+            i = 3 * (y * self.w + x)
+            self.px[i:i + 3] = bytes(rgb)
+
+    def rect(self, x0: int, y0: int, x1: int, y1: int, rgb) -> None:
+        for y in range(max(0, y0), min(self.h, y1 + 1)):
+            for x in range(max(0, x0), min(self.w, x1 + 1)):
+                self.set(x, y, rgb)
+
+    def line(self, x0: float, y0: float, x1: float, y1: float, rgb, width: int = 2) -> None:
+        n = max(1, int(2 * max(abs(x1 - x0), abs(y1 - y0))))
+        for k in range(n + 1):
+            x = round(x0 + (x1 - x0) * k / n)
+            y = round(y0 + (y1 - y0) * k / n)
+            self.rect(x, y, x + width - 1, y + width - 1, rgb)
+
+    def text(self, x: int, y: int, s: str, rgb=(0, 0, 0), scale: int = 2) -> None:
+        for ch in s.upper():
+            glyph = _FONT.get(ch, _FONT[" "])
+            for k, bit in enumerate(glyph):
+                if bit == "1":
+                    cx, cy = x + (k % 3) * scale, y + (k // 3) * scale
+                    self.rect(cx, cy, cx + scale - 1, cy + scale - 1, rgb)
+            x += 4 * scale
+
+    def png(self) -> bytes:
+        raw = b"".join(b"\x00" + bytes(self.px[3 * y * self.w: 3 * (y + 1) * self.w]) for y in range(self.h))
+
+        def chunk(kind: bytes, data: bytes) -> bytes:
+            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+        ihdr = struct.pack(">IIBBBBB", self.w, self.h, 8, 2, 0, 0, 0)  # 8-bit RGB
+        return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
+
+
+def text_width(s: str, scale: int = 2) -> int:
+    return 4 * scale * len(s) - scale
+
+
+def nice_ticks(lo: float, hi: float, n: int = 6) -> tuple[list[float], int]:
+    """Round tick values (1, 2 or 5 x 10^k apart) inside [lo, hi], and the decimals to print them."""
+    raw = (hi - lo) / n
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
+    first = math.ceil(lo / step - 1e-9) * step
+    ticks = [first + k * step for k in range(n + 2) if first + k * step <= hi + 1e-9 * step]
+    return ticks, max(0, -math.floor(math.log10(step) + 1e-9))
+
+
+def render_line_plot(series: list[dict], width: int = 900, height: int = 560, x_label: str = "",
+                     y_label: str = "", title: str = "") -> tuple[bytes, dict]:
+    """PNG bytes of a line plot, and the axis ranges drawn.
+
+    series: [{"label": str, "color": (r, g, b), "points": [(x, y), ...]}]. Points are joined by
+    lines and marked by small squares; round-numbered ticks on both axes; a legend (colour swatch
+    + label) at the top right of the plot area.
+    """
+    c = Canvas(width, height)
+    left, right, top, bottom = 80, 20, 40, 60
+    pw, ph = width - left - right, height - top - bottom
+    pts = [p for s in series for p in s["points"]]
+    if pts:
+        x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
+        y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
+    else:
+        x0, x1, y0, y1 = 0.0, 1.0, 0.0, 1.0
+    if x1 - x0 < 1e-12:
+        x0, x1 = x0 - 0.5, x1 + 0.5
+    pad = 0.05 * (y1 - y0) if y1 > y0 else 0.5
+    y0, y1 = y0 - pad, y1 + pad
+
+    def sx(x):
+        return left + (x - x0) / (x1 - x0) * (pw - 1)
+
+    def sy(y):
+        return top + (1 - (y - y0) / (y1 - y0)) * (ph - 1)
+
+    grid, axis = (225, 225, 225), (0, 0, 0)
+    xt, xd = nice_ticks(x0, x1)
+    yt, yd = nice_ticks(y0, y1)
+    for v in xt:
+        gx = round(sx(v))
+        c.line(gx, top, gx, top + ph - 1, grid, 1)
+        c.text(gx - text_width(f"{v:.{xd}f}") // 2, top + ph + 8, f"{v:.{xd}f}")
+    for v in yt:
+        gy = round(sy(v))
+        c.line(left, gy, left + pw - 1, gy, grid, 1)
+        c.text(left - 8 - text_width(f"{v:.{yd}f}"), gy - 5, f"{v:.{yd}f}")
+    c.line(left, top, left, top + ph - 1, axis, 1)
+    c.line(left, top + ph - 1, left + pw - 1, top + ph - 1, axis, 1)
+    if x_label:
+        c.text(left + (pw - text_width(x_label)) // 2, height - 24, x_label)
+    if y_label:
+        c.text(8, 12, y_label)
+    if title:
+        c.text(left + (pw - text_width(title)) // 2, 12, title)
+    for s in series:
+        p = [(sx(x), sy(y)) for x, y in s["points"]]
+        for (ax, ay), (bx, by) in zip(p, p[1:]):
+            c.line(ax, ay, bx, by, s["color"], 2)
+        for x, y in p:
+            c.rect(round(x) - 2, round(y) - 2, round(x) + 3, round(y) + 3, s["color"])
+    lx = left + pw - 10 - max([text_width(s["label"]) for s in series] or [0]) - 30
+    for k, s in enumerate(series):
+        ly = top + 10 + 16 * k
+        c.rect(lx, ly + 3, lx + 20, ly + 5, s["color"])
+        c.text(lx + 28, ly, s["label"])
+    return c.png(), {"x": (x0, x1), "y": (y0, y1)}
+
+
+def plot_series(rows: list[dict], evals_by_run: dict) -> list[dict]:
+    """One series per run (val bpb against train_elapsed), coloured by schedule."""
+    used = {}
+    series = []
+    for r in rows:
+        pts = [(e["train_elapsed"], e["val_bpb"]) for e in evals_by_run.get(r["run_id"], [])
+               if _num(e.get("val_bpb")) is not None and _num(e.get("train_elapsed")) is not None]
+        if not pts:
+            continue
+        pal = PALETTES.get(r["schedule"], PALETTES[""])
+        k = used.get(r["schedule"], 0)
+        used[r["schedule"]] = k + 1
+        label = f"{r['variant']} s{r['seed']}" if r["seed"] is not None else r["run_id"]
+        series.append({"label": label, "color": pal[k % len(pal)], "points": pts, "run_id": r["run_id"]})
+    return series
+
+
+# -----------------------------------------------------------------------------
+# Writing
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _r(v, digits=3) -> str:
+    return NA if v is None else f"{v:.{digits}f}"
+
+
+def write_report(results_dir: str) -> dict:
+    runs = read_runs(results_dir)
+    if not runs:
+        raise SystemExit(f"compare_report: no runs.tsv and no *.metrics.jsonl in {results_dir}")
+    rows, evals_by_run = [], {}
+    for run in runs:
+        steps, evals, summary = read_metrics(os.path.join(results_dir, run.get("metrics_file") or ""))
+        row = run_row(run, steps, evals, summary)
+        rows.append(row)
+        evals_by_run[row["run_id"]] = evals
+
+    with open(os.path.join(results_dir, "summary.csv"), "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(COLUMNS)
+        for r in rows:
+            w.writerow([fmt(c, r[c]) for c in COLUMNS])
+
+    medians = arm_medians(rows)
+    rat = ratios(medians)
+    series = plot_series(rows, evals_by_run)
+    png, ranges = render_line_plot(series, x_label="train_elapsed s (step time incl. compile)",
+                                   y_label="val bpb", title="val bpb vs train time")
+    with open(os.path.join(results_dir, "val_bpb_vs_time.png"), "wb") as f:
+        f.write(png)
+    # The step-0 eval (~ln(vocab) nats) squeezes the end of the curves: the second half, zoomed.
+    t_max = max((p[0] for s in series for p in s["points"]), default=0.0)
+    tail = [{**s, "points": [p for p in s["points"] if p[0] >= TAIL_FROM * t_max]} for s in series]
+    tail = [s for s in tail if s["points"]]
+    tail_png, tail_ranges = render_line_plot(tail, x_label="train_elapsed s (second half)", y_label="val bpb",
+                                             title="val bpb vs train time: second half")
+    with open(os.path.join(results_dir, "val_bpb_vs_time_tail.png"), "wb") as f:
+        f.write(tail_png)
+    with open(os.path.join(results_dir, "val_bpb_vs_time.csv"), "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["run_id", "variant", "seed", "step", "train_elapsed", "val_bpb"])
+        for r in rows:
+            for e in evals_by_run.get(r["run_id"], []):
+                w.writerow([r["run_id"], r["variant"], fmt("seed", r["seed"]), e.get("step"), e.get("train_elapsed"),
+                            e.get("val_bpb")])
+
+    md = ["# full_update vs dynamic_suffix", ""]
+    config = os.path.join(results_dir, "compare_config.txt")
+    if os.path.exists(config):
+        with open(config, encoding="utf-8") as f:
+            md += ["```", f.read().strip(), "```", ""]
+    seeds = sorted({r["seed"] for r in rows if r["seed"] is not None}, key=lambda s: int(s) if s.isdigit() else s)
+    md.append(f"Seeds: {', '.join(seeds) or NA} ({len(seeds)})."
+              + ("" if len(seeds) >= 3 else " **Fewer than 3 seeds: speed numbers only, no quality claim.**"))
+    failed = [r["run_id"] for r in rows if r["status"] != "ok"]
+    if failed:
+        md.append(f"**Failed runs (left out of the medians): {', '.join(failed)}.**")
+    cmds = {r.get("run_id"): command_of(results_dir, r) for r in runs}
+    full_run = next((r for r in rows if r["schedule"] == "full_update" and cmds.get(r["run_id"])), None)
+    dyn_run = next((r for r in rows if r["schedule"] == "dynamic_suffix" and cmds.get(r["run_id"])), None)
+    if full_run and dyn_run:
+        only_full, only_dyn, shared = flag_difference(cmds[full_run["run_id"]], cmds[dyn_run["run_id"]])
+        md += ["", f"Flags that differ between `{full_run['run_id']}` and `{dyn_run['run_id']}` "
+                   "(apart from --model-tag and --metrics-file):",
+               f"- full only: {' '.join(f'`{t}`' for t in only_full) or '(none)'}",
+               f"- dynamic only: {' '.join(f'`{t}`' for t in only_dyn) or '(none)'}",
+               "", "Shared flags:", "", "```", shared, "```"]
+
+    med_cols = ["num_iterations", "elapsed_sec", "compile_sec", "setup_sec", "avg_tok_per_sec", "max_tok_per_sec",
+                "final_loss", "final_val_bpb", "min_val_bpb", "avg_step_peak_vram_mib", "peak_vram_mib",
+                "active_layers_mean"]
+    md += ["", "## Per-arm medians over seeds", "",
+           md_table(["variant", "schedule", "runs"] + med_cols,
+                    [[m["variant"], m["schedule"], str(m["runs"])] + [fmt(c, m[c]) for c in med_cols] for m in medians])]
+    md += ["", "## dynamic vs full (of the medians)", ""]
+    if rat is None:
+        md.append("One arm has no runs: no ratios.")
+    else:
+        f_, d_ = rat["full"], rat["dynamic"]
+        body = [[c, fmt(c, f_[c]), fmt(c, d_[c]), _r(v, 3)] for c, v in rat["ratio"].items()]
+        md.append(md_table(["quantity", "full", "dynamic", "dynamic / full"], body))
+        md += ["", md_table(["quantity", "full", "dynamic", "dynamic - full"],
+                            [[c, fmt(c, f_[c]), fmt(c, d_[c]), _r(v, 4)] for c, v in rat["diff"].items()])]
+        for col in ("final_val_bpb", "min_val_bpb"):
+            pd = paired_diffs(rows, col)
+            if pd:
+                ds = [d for _, d in pd]
+                md.append(f"\nPaired by seed, {col} dynamic - full: median {statistics.median(ds):+.4f}, "
+                          f"range [{min(ds):+.4f}, {max(ds):+.4f}], dynamic lower in {sum(d < 0 for d in ds)}/{len(ds)} "
+                          f"seeds ({', '.join(f's{s}: {d:+.4f}' for s, d in pd)}).")
+    md += ["", "## Runs (summary.csv)", "",
+           md_table(COLUMNS, [[fmt(c, r[c]) for c in COLUMNS] for r in rows])]
+    md += ["", "## Plot", "", "![val bpb vs train time](val_bpb_vs_time.png)",
+           "![val bpb vs train time, second half](val_bpb_vs_time_tail.png)", "",
+           f"`val_bpb_vs_time.png`: x = train_elapsed (s, step time incl. compile, excl. eval) from "
+           f"{ranges['x'][0]:.2f} to {ranges['x'][1]:.2f}; y = val bpb from {ranges['y'][0]:.4f} to "
+           f"{ranges['y'][1]:.4f}. `val_bpb_vs_time_tail.png`: the evals at train_elapsed >= {TAIL_FROM:g} x "
+           f"{t_max:.2f} s, x from {tail_ranges['x'][0]:.2f} to {tail_ranges['x'][1]:.2f}, y from "
+           f"{tail_ranges['y'][0]:.4f} to {tail_ranges['y'][1]:.4f}. Points: `val_bpb_vs_time.csv`. Colours:"]
+    md += [f"- `#{s['color'][0]:02x}{s['color'][1]:02x}{s['color'][2]:02x}` {s['run_id']}" for s in series]
+    if not series:
+        md.append("- (no eval points in any run: nothing plotted)")
+    md += ["", "Column definitions: docs/compare.md."]
+    with open(os.path.join(results_dir, "summary.md"), "w", encoding="utf-8") as f:
+        f.write("\n".join(md) + "\n")
+    return {"rows": rows, "medians": medians, "ratios": rat, "series": series}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    results_dir = argv[0]
+    if not os.path.isdir(results_dir):
+        print(f"compare_report: error: {results_dir} is not a directory", file=sys.stderr)
+        return 2
+    out = write_report(results_dir)
+    with open(os.path.join(results_dir, "summary.md"), encoding="utf-8") as f:
+        print(f.read())
+    n_ok = sum(r["status"] == "ok" for r in out["rows"])
+    print(f"compare_report: {n_ok}/{len(out['rows'])} runs ok; wrote summary.csv, summary.md, val_bpb_vs_time.png "
+          f"in {results_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,400 @@
+"""runs/dynamic_suffix_compare.sh and scripts/compare_report.py: report numbers, PNG renderer,
+the runner's DRY_RUN commands and validation, and one real end-to-end run on a tiny CPU config."""
+import csv
+import json
+import os
+import re
+import struct
+import subprocess
+import sys
+import zlib
+
+import pytest
+
+from scripts import compare_report as cr
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNNER = os.path.join(ROOT, "runs", "dynamic_suffix_compare.sh")
+# Variables that the caller's shell could leak into the runner and change what it does.
+LEAKY = re.compile(r"^(DYN_|SEED|SEEDS|MODEL_TAG|METRICS_FILE|LOG_FILE|USE_FP8|FP8_|BLOCK_UPDATE_SCHEDULE|"
+                   r"NUM_ITERATIONS|FULL_NUM_ITERATIONS|DYNAMIC_NUM_ITERATIONS|TIME_BUDGET_SEC|EVAL_|"
+                   r"BASE_TRAIN_EXTRA_ARGS|RESULTS_DIR|WARMUP_STEPS|KEEP_CHECKPOINTS|DRY_RUN|SKIP_SETUP|"
+                   r"PREPARE_DATA|DEPTH|NPROC_PER_NODE)")
+
+
+# -----------------------------------------------------------------------------
+# Synthetic metrics files
+
+
+def write_run(d, run_id, schedule, seed, dts, losses, active, evals, peaks=None, batch=1000):
+    """A metrics JSONL like base_train's: step records, eval records (step, val_bpb), a summary."""
+    path = os.path.join(d, f"{run_id}.metrics.jsonl")
+    elapsed = 0.0
+    lines = []
+    ev = dict(evals)
+    for step, (dt, loss, act) in enumerate(zip(dts, losses, active)):
+        if step in ev:
+            lines.append({"kind": "eval", "step": step, "val_bpb": ev[step], "train_elapsed": elapsed,
+                          "tokens": step * batch})
+        elapsed += dt
+        lines.append({"kind": "step", "step": step, "loss": loss, "loss_ema": loss, "lrm": 1.0, "dt": dt,
+                      "tok_per_sec": batch / dt, "mfu": None,
+                      "step_peak_mib": None if peaks is None else peaks[step], "active_layers": act,
+                      "train_elapsed": elapsed, "tokens": (step + 1) * batch})
+    n = len(dts)
+    lines.append({"kind": "eval", "step": n, "val_bpb": ev[n], "train_elapsed": elapsed, "tokens": n * batch})
+    lines.append({"kind": "summary", "steps": n, "steps_this_run": n, "train_elapsed": elapsed,
+                  "first_step_sec": dts[0], "steady_tok_per_sec": (n - 1) * batch / sum(dts[1:]),
+                  "peak_mib": None if peaks is None else max(peaks), "final_val_bpb": ev[n],
+                  "min_val_bpb": min(ev.values()), "final_loss_ema": losses[-1], "tokens": n * batch,
+                  "schedule": schedule})
+    with open(path, "w") as f:
+        f.write("\n".join(json.dumps(x) for x in lines) + "\n")
+    return elapsed
+
+
+@pytest.fixture
+def synthetic(tmp_path):
+    """Two arms x two seeds, 40 steps each; known answers in the returned dict."""
+    d = str(tmp_path)
+    manifest = ["run_id\tvariant\tschedule\tseed\torder\ttime_budget_sec\twall_sec\texit_code\tmetrics_file\tlog_file\tcommand"]
+    base = "python -m scripts.base_train --depth=4 --num-iterations=40 --seed={s} --model-tag=t_{r} --metrics-file=/x/{r}.m"
+    order = 0
+    expect = {}
+    for seed, full_dt, dyn_dt, full_bpb, dyn_bpb in [(1, 0.5, 0.4, 1.50, 1.48), (2, 0.25, 0.2, 1.60, 1.61)]:
+        for variant, schedule, dt, bpb in [("full", "full_update", full_dt, full_bpb),
+                                           ("dynamic", "dynamic_suffix", dyn_dt, dyn_bpb)]:
+            run_id = f"{variant}_s{seed}"
+            dts = [3.0] + [dt] * 38 + [dt / 2]  # compile step, steady steps, one fast step
+            losses = [5.0] * 38 + [2.0, 4.0]  # last 5% of 40 steps = 2 steps: mean 3.0
+            active = [4] * 40 if variant == "full" else [4] * 10 + [2] * 29 + [1]
+            peaks = [100.0 + (k % 2) * 10 for k in range(40)]  # mean 105, max 110
+            elapsed = write_run(d, run_id, schedule, seed, dts, losses, active,
+                                {0: 3.0, 20: bpb + 0.2, 40: bpb}, peaks)
+            order += 1
+            wall = elapsed + 7.0
+            cmd = base.format(s=seed, r=run_id) + ("" if variant == "full" else
+                                                   " --block-update-schedule=dynamic_suffix --dyn-warmup-steps=5")
+            manifest.append(f"{run_id}\t{variant}\t{schedule}\t{seed}\t{order}\t\t{wall}\t0\t{run_id}.metrics.jsonl\t"
+                            f"{run_id}.log\t{cmd}")
+            expect[run_id] = {"elapsed": elapsed, "avg": 39 * 1000 / (38 * dt + dt / 2), "max": 1000 / (dt / 2),
+                              "bpb": bpb}
+    with open(os.path.join(d, "runs.tsv"), "w") as f:
+        f.write("\n".join(manifest) + "\n")
+    return d, expect
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_report_columns_and_per_run_numbers(synthetic):
+    d, expect = synthetic
+    cr.write_report(d)
+    with open(os.path.join(d, "summary.csv"), newline="") as f:
+        header = next(csv.reader(f))
+    assert header[:12] == ["variant", "schedule", "num_iterations", "elapsed_sec", "max_tok_per_sec", "avg_tok_per_sec",
+                           "final_loss", "min_val_bpb", "avg_step_peak_vram_mib", "peak_vram_mib", "active_layers_mean",
+                           "active_layers_range"]
+    for c in ("seed", "tokens", "compile_sec", "setup_sec", "final_val_bpb"):
+        assert c in header
+    rows = {r["run_id"]: r for r in read_csv(os.path.join(d, "summary.csv"))}
+    assert set(rows) == set(expect)
+    for run_id, e in expect.items():
+        r = rows[run_id]
+        assert r["status"] == "ok" and r["num_iterations"] == "40" and r["tokens"] == "40000"
+        assert float(r["elapsed_sec"]) == pytest.approx(e["elapsed"], abs=0.01)
+        assert float(r["compile_sec"]) == pytest.approx(3.0)
+        assert float(r["setup_sec"]) == pytest.approx(7.0, abs=0.01)  # wall - train_elapsed
+        assert float(r["avg_tok_per_sec"]) == pytest.approx(e["avg"], abs=0.1)  # excludes the first step
+        assert float(r["max_tok_per_sec"]) == pytest.approx(e["max"], abs=0.1)
+        assert float(r["final_loss"]) == pytest.approx(3.0)  # mean raw loss of the last 5% of steps
+        assert float(r["final_val_bpb"]) == pytest.approx(e["bpb"])
+        assert float(r["min_val_bpb"]) == pytest.approx(e["bpb"])
+        assert float(r["avg_step_peak_vram_mib"]) == pytest.approx(105.0)
+        assert float(r["peak_vram_mib"]) == pytest.approx(110.0)
+    assert rows["full_s1"]["active_layers_range"] == "4-4" and float(rows["full_s1"]["active_layers_mean"]) == 4.0
+    assert rows["dynamic_s2"]["active_layers_range"] == "1-4"
+    assert float(rows["dynamic_s2"]["active_layers_mean"]) == pytest.approx((40 + 58 + 1) / 40, abs=0.005)
+
+
+def test_report_medians_ratios_and_markdown(synthetic):
+    d, expect = synthetic
+    out = cr.write_report(d)
+    med = {m["variant"]: m for m in out["medians"]}
+    assert med["full"]["runs"] == 2 and med["dynamic"]["runs"] == 2
+    full_avg = (expect["full_s1"]["avg"] + expect["full_s2"]["avg"]) / 2  # median of two = their mean
+    dyn_avg = (expect["dynamic_s1"]["avg"] + expect["dynamic_s2"]["avg"]) / 2
+    assert med["full"]["avg_tok_per_sec"] == pytest.approx(full_avg)
+    assert out["ratios"]["ratio"]["avg_tok_per_sec"] == pytest.approx(dyn_avg / full_avg)
+    full_el = (expect["full_s1"]["elapsed"] + expect["full_s2"]["elapsed"]) / 2
+    dyn_el = (expect["dynamic_s1"]["elapsed"] + expect["dynamic_s2"]["elapsed"]) / 2
+    assert out["ratios"]["ratio"]["elapsed_sec"] == pytest.approx(dyn_el / full_el)
+    assert out["ratios"]["diff"]["final_val_bpb"] == pytest.approx((1.48 + 1.61) / 2 - (1.50 + 1.60) / 2)
+    assert dict(cr.paired_diffs(out["rows"], "final_val_bpb")) == {"1": pytest.approx(-0.02), "2": pytest.approx(0.01)}
+    md = open(os.path.join(d, "summary.md")).read()
+    assert "## Per-arm medians over seeds" in md and "dynamic / full" in md
+    assert f"| avg_tok_per_sec | {full_avg:.1f} | {dyn_avg:.1f} | {dyn_avg / full_avg:.3f} |" in md
+    assert "Fewer than 3 seeds" in md
+    assert "dynamic lower in 1/2 seeds" in md
+    assert "- dynamic only: `--block-update-schedule=dynamic_suffix` `--dyn-warmup-steps=5`" in md
+    assert "- full only: (none)" in md
+    assert "/x/" not in md  # per-run paths are left out of the shared command
+    assert "from 0.00 to" in md  # axis ranges written out
+    for name in ("val_bpb_vs_time.png", "val_bpb_vs_time_tail.png"):
+        assert open(os.path.join(d, name), "rb").read().startswith(b"\x89PNG\r\n\x1a\n")
+    assert len(read_csv(os.path.join(d, "val_bpb_vs_time.csv"))) == 4 * 3
+
+
+def test_report_without_manifest_and_with_a_failed_run(tmp_path):
+    d = str(tmp_path)
+    write_run(d, "full_s7", "full_update", 7, [1.0, 0.5, 0.5], [5, 4, 3], [2, 2, 2], {0: 3.0, 3: 2.0})
+    with open(os.path.join(d, "dynamic_s7.metrics.jsonl"), "w") as f:  # crashed: one step, a torn line
+        f.write(json.dumps({"kind": "step", "step": 0, "loss": 5.0, "loss_ema": 5.0, "lrm": 1.0, "dt": 1.0,
+                            "tok_per_sec": 1000.0, "mfu": None, "step_peak_mib": None, "active_layers": 2,
+                            "train_elapsed": 1.0, "tokens": 1000}) + "\n{\"kind\": \"st")
+    out = cr.write_report(d)
+    rows = {r["run_id"]: r for r in out["rows"]}
+    assert rows["full_s7"]["status"] == "ok" and rows["full_s7"]["seed"] == "7"
+    assert rows["full_s7"]["setup_sec"] is None and rows["full_s7"]["peak_vram_mib"] is None  # no wall time; CPU
+    assert rows["dynamic_s7"]["status"] == "failed" and rows["dynamic_s7"]["max_tok_per_sec"] is None
+    text = open(os.path.join(d, "summary.csv")).read()
+    assert "NA" in text
+    assert "Failed runs" in open(os.path.join(d, "summary.md")).read()
+    assert cr.main([d]) == 0
+    assert cr.main([os.path.join(d, "missing")]) == 2
+
+
+def test_report_counts_the_last_attempt_of_a_resumed_run(tmp_path):
+    d = str(tmp_path)
+    write_run(d, "full_s1", "full_update", 1, [1.0, 0.5, 0.5], [5, 4, 3], [2, 2, 2], {0: 3.0, 3: 2.0})
+    (tmp_path / "runs.tsv").write_text(
+        MANIFEST_HEADER + "full_s1\tfull\tfull_update\t1\t1\t\t3.0\t137\tfull_s1.metrics.jsonl\t\t\"python\" -m x\n"
+        + "full_s1\tfull\tfull_update\t1\t2\t\t5.0\t0\tfull_s1.metrics.jsonl\t\tpython -m x\n")
+    rows = cr.write_report(d)["rows"]
+    assert len(rows) == 1 and rows[0]["status"] == "ok" and rows[0]["setup_sec"] == pytest.approx(5.0 - 2.0)
+
+
+# -----------------------------------------------------------------------------
+# PNG renderer
+
+
+def parse_png(data):
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, []
+    while pos < len(data):
+        (n,) = struct.unpack(">I", data[pos:pos + 4])
+        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + n]
+        (crc,) = struct.unpack(">I", data[pos + 8 + n:pos + 12 + n])
+        assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF, kind
+        chunks.append((kind, body))
+        pos += 12 + n
+    assert [k for k, _ in chunks][0] == b"IHDR" and chunks[-1][0] == b"IEND"
+    w, h, depth, color, _, _, _ = struct.unpack(">IIBBBBB", chunks[0][1])
+    assert (depth, color) == (8, 2)
+    raw = zlib.decompress(b"".join(b for k, b in chunks if k == b"IDAT"))
+    assert len(raw) == h * (1 + 3 * w)
+    rows = [raw[y * (1 + 3 * w):(y + 1) * (1 + 3 * w)] for y in range(h)]
+    assert all(r[0] == 0 for r in rows)  # filter type None
+    pixels = [tuple(r[1 + 3 * x:4 + 3 * x]) for r in rows for x in range(w)]
+    return w, h, pixels
+
+
+def test_png_renderer_valid_dimensions_and_drawn_lines():
+    red, blue = (214, 39, 40), (31, 119, 180)
+    series = [{"label": "full s1", "color": blue, "points": [(0, 3.0), (10, 2.0), (20, 1.5)]},
+              {"label": "dynamic s1", "color": red, "points": [(0, 3.0), (8, 2.1), (19, 1.45)]}]
+    png, ranges = cr.render_line_plot(series, width=320, height=200, x_label="time s", y_label="val bpb")
+    w, h, pixels = parse_png(png)
+    assert (w, h) == (320, 200)
+    counts = {c: pixels.count(c) for c in (red, blue, (0, 0, 0))}
+    assert counts[red] > 50 and counts[blue] > 50 and counts[(0, 0, 0)] > 100  # lines, axes + digits
+    assert ranges["x"] == (0, 20) and ranges["y"][0] < 1.45 and ranges["y"][1] > 3.0
+    assert cr.nice_ticks(0, 198) == ([0, 50, 100, 150], 0) and cr.nice_ticks(1.44, 1.47)[1] == 2
+    empty, _ = cr.render_line_plot([], width=64, height=48)  # nothing to plot: still a valid image
+    assert parse_png(empty)[:2] == (64, 48)
+    single, _ = cr.render_line_plot([{"label": "x", "color": red, "points": [(5.0, 2.0)]}], width=120, height=90)
+    assert red in parse_png(single)[2]
+
+
+# -----------------------------------------------------------------------------
+# The runner: DRY_RUN commands and validation
+
+
+def runner(env_extra, tmp_path, timeout=60):
+    env = {k: v for k, v in os.environ.items() if not LEAKY.match(k)}
+    env.update({"DRY_RUN": "1", "RESULTS_DIR": str(tmp_path / "res"), "PYTHON": sys.executable}, **env_extra)
+    return subprocess.run(["bash", RUNNER], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def commands(stdout):
+    """{run_id: [flags after `-m scripts.base_train`]} in printed order."""
+    out = {}
+    for m in re.finditer(r"^dynamic_suffix_compare\.sh: command\[([^\]]+)\]: (.*)$", stdout, re.M):
+        toks = m.group(2).split()
+        out[m.group(1)] = toks[toks.index("scripts.base_train") + 1:]
+    return out
+
+
+def per_run_free(flags):
+    return {f for f in flags if not f.startswith(("--model-tag=", "--metrics-file="))}
+
+
+def test_dry_run_both_arms_differ_only_in_schedule(tmp_path):
+    p = runner({"DYN_WARMUP_STEPS": "5", "DYN_RELEVANCE_THRESHOLD": "0.8", "SEEDS": "1 2 3"}, tmp_path)
+    assert p.returncode == 0, p.stderr
+    cmds = commands(p.stdout)
+    assert list(cmds) == ["warmup", "full_s1", "dynamic_s1", "dynamic_s2", "full_s2", "full_s3", "dynamic_s3"]
+    for s in ("1", "2", "3"):
+        full, dyn = cmds[f"full_s{s}"], cmds[f"dynamic_s{s}"]
+        assert "--block-update-schedule=dynamic_suffix" in dyn and "--block-update-schedule=full_update" in full
+        assert "--dyn-warmup-steps=5" in dyn and "--dyn-relevance-threshold=0.8" in dyn
+        assert not [f for f in full if f.startswith("--dyn-")]
+        assert per_run_free(full) ^ per_run_free(dyn) == {
+            "--block-update-schedule=full_update", "--block-update-schedule=dynamic_suffix",
+            "--dyn-warmup-steps=5", "--dyn-relevance-threshold=0.8"}
+        assert f"--seed={s}" in full and f"--seed={s}" in dyn
+        assert any(f.startswith("--metrics-file=") and f.endswith(f"full_s{s}.metrics.jsonl") for f in full)
+    tags = [f for c in cmds.values() for f in c if f.startswith("--model-tag=")]
+    assert len(set(tags)) == len(tags)  # distinct checkpoint dirs
+    assert "--fp8" not in cmds["full_s1"] and not [f for f in cmds["full_s1"] if f.startswith("--time-budget-sec")]
+    assert "--num-iterations=2" in cmds["warmup"] and "--eval-every=-1" in cmds["warmup"]
+    assert not [f for f in cmds["warmup"] if f.startswith(("--dyn-", "--metrics-file"))]
+    assert not os.path.exists(tmp_path / "res")  # DRY_RUN writes nothing
+
+
+def test_dry_run_fp8_time_budget_and_iterations(tmp_path):
+    p = runner({"USE_FP8_COMPARE": "1", "FP8_BACKEND_COMPARE": "torchao", "FP8_RECIPE_COMPARE": "rowwise",
+                "TIME_BUDGET_SEC": "30", "WARMUP_STEPS": "0"}, tmp_path)
+    assert p.returncode == 0, p.stderr
+    cmds = commands(p.stdout)
+    assert list(cmds) == ["full_fp8_s42", "dynamic_fp8_s42"]
+    for c in cmds.values():
+        assert {"--fp8", "--fp8-backend=torchao", "--fp8-recipe=rowwise", "--time-budget-sec=30",
+                "--num-iterations=-1"} <= set(c)
+    p = runner({"FULL_NUM_ITERATIONS": "520", "DYNAMIC_NUM_ITERATIONS": "650", "WARMUP_STEPS": "0",
+                "EVAL_TOKENS": "1048576"}, tmp_path)
+    assert p.returncode == 0, p.stderr
+    cmds = commands(p.stdout)
+    assert "--num-iterations=520" in cmds["full_s42"] and "--num-iterations=650" in cmds["dynamic_s42"]
+    for c in cmds.values():
+        assert "--eval-every=104" in c and "--eval-tokens=1048576" in c and "--fp8" not in c
+        assert not [f for f in c if f.startswith("--time-budget-sec")]
+    p = runner({"TIME_BUDGET_SEC": "60", "DYNAMIC_NUM_ITERATIONS": "900", "WARMUP_STEPS": "0"}, tmp_path)
+    cmds = commands(p.stdout)
+    assert "--num-iterations=900" in cmds["dynamic_s42"] and "--num-iterations=-1" in cmds["full_s42"]
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"SEEDS": "1 x"}, "SEEDS: 'x'"),
+    ({"SEEDS": "3 3"}, "listed twice"),
+    ({"USE_FP8_COMPARE": "yes"}, "USE_FP8_COMPARE=yes must be 0 or 1"),
+    ({"USE_FP8_COMPARE": "1", "FP8_BACKEND_COMPARE": "cuda"}, "FP8_BACKEND_COMPARE=cuda"),
+    ({"FP8_RECIPE_COMPARE": "rowwise"}, "need USE_FP8_COMPARE=1"),
+    ({"TIME_BUDGET_SEC": "0"}, "TIME_BUDGET_SEC=0"),
+    ({"TIME_BUDGET_SEC": "soon"}, "TIME_BUDGET_SEC=soon"),
+    ({"FULL_NUM_ITERATIONS": "-5"}, "FULL_NUM_ITERATIONS=-5"),
+    ({"SEED": "1"}, "use SEEDS"),
+    ({"USE_FP8": "1"}, "use USE_FP8_COMPARE"),
+    ({"BASE_TRAIN_EXTRA_ARGS": "--dyn-eps=1e-6"}, "DYN_*"),
+    ({"WARMUP_STEPS": "-1"}, "WARMUP_STEPS"),
+    ({"DYN_RELEVANCE_METRIC": "bogus"}, "DYN_RELEVANCE_METRIC=bogus"),  # rejected by speedrun_small.sh
+    ({"DEPTH": "deep"}, "DEPTH=deep"),
+])
+def test_invalid_env_exits_2_with_a_clear_message(tmp_path, env, message):
+    p = runner(env, tmp_path)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert message in p.stderr and "Traceback" not in p.stderr
+
+
+def test_invalid_env_reports_every_problem_and_refuses_a_used_results_dir(tmp_path):
+    p = runner({"SEEDS": "a", "USE_FP8_COMPARE": "2", "TIME_BUDGET_SEC": "-1"}, tmp_path)
+    assert p.returncode == 2 and p.stderr.count("\n  - ") == 3
+    (tmp_path / "res").mkdir()
+    (tmp_path / "res" / "runs.tsv").write_text("run_id\n")
+    p = runner({}, tmp_path)
+    assert p.returncode == 2 and "already holds a comparison" in p.stderr and "RESUME=1" in p.stderr
+    p = runner({"RESUME": "1", "RESULTS_DIR": ""}, tmp_path)
+    assert p.returncode == 2 and "RESUME=1 needs the RESULTS_DIR" in p.stderr
+
+
+MANIFEST_HEADER = "run_id\tvariant\tschedule\tseed\torder\ttime_budget_sec\twall_sec\texit_code\tmetrics_file\tlog_file\tcommand\n"
+
+
+def test_dry_run_resume_skips_done_runs_and_checks_their_commands(tmp_path):
+    env = {"SEEDS": "1 2", "WARMUP_STEPS": "0", "NUM_ITERATIONS": "10"}
+    first = runner(env, tmp_path).stdout
+    planned = commands(first)
+    full_s1 = re.search(r"command\[full_s1\]: (.*)", first).group(1)
+    res = tmp_path / "res"
+    res.mkdir()
+    # full_s1 done, dynamic_s1 failed (runs again); the old metrics dir differs (results dir moved).
+    moved = full_s1.replace(str(res), "/elsewhere/res")
+    (res / "runs.tsv").write_text(MANIFEST_HEADER + f"full_s1\tfull\tfull_update\t1\t1\t\t9.0\t0\tm\tl\t{moved}\n"
+                                  + "dynamic_s1\tdynamic\tdynamic_suffix\t1\t2\t\t9.0\t1\tm\tl\tx\n")
+    p = runner({**env, "RESUME": "1"}, tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "skip[full_s1]: done" in p.stdout
+    assert list(commands(p.stdout)) == ["dynamic_s1", "dynamic_s2", "full_s2"]
+    assert commands(p.stdout)["dynamic_s2"] == planned["dynamic_s2"]
+    p = runner({**env, "RESUME": "1", "MAX_RUNS": "1"}, tmp_path)
+    assert list(commands(p.stdout)) == ["dynamic_s1"] and "2 run(s) left" in p.stdout
+    p = runner({**env, "RESUME": "1", "NUM_ITERATIONS": "20"}, tmp_path)  # not the first call's settings
+    assert p.returncode == 2 and "different command" in p.stderr and "--num-iterations=10" in p.stderr
+    p = runner({**env, "RESUME": "1", "SEEDS": "2"}, tmp_path)
+    assert p.returncode == 2 and "do not plan" in p.stderr
+
+
+def test_runner_documents_the_spec_columns():
+    text = open(RUNNER).read()
+    for col in cr.SPEC_COLUMNS + ["seed", "tokens", "compile_sec", "setup_sec", "final_val_bpb"]:
+        assert col in text, col
+
+
+# -----------------------------------------------------------------------------
+# End to end on CPU: tokenizer, warm-up, 2 seeds x 2 arms, report
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    base = tmp_path_factory.mktemp("cmp_base")
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base)}
+    out = subprocess.run([sys.executable, "-m", "scripts.tok_train", "--vocab-size=512", "--max-chars=2000000"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return base
+
+
+@pytest.mark.slow
+def test_compare_end_to_end_tiny_cpu(tiny_base, tmp_path):
+    env = {"DRY_RUN": "0", "NANOCHAT_BASE_DIR": str(tiny_base), "SKIP_SETUP": "1", "PREPARE_DATA": "0",
+           "SEEDS": "1 2", "WARMUP_STEPS": "1", "NUM_ITERATIONS": "8", "EVAL_EVERY": "4",
+           "DEPTH": "2", "ASPECT_RATIO": "32", "HEAD_DIM": "32", "MAX_SEQ_LEN": "64", "DEVICE_BATCH_SIZE": "4",
+           "TOTAL_BATCH_SIZE": "512", "EVAL_TOKENS": "2048",
+           "DYN_WARMUP_STEPS": "2", "DYN_PROBE_EVERY": "3", "DYN_FREEZE_START_STEP": "2", "DYN_MAX_ACTIVE_LAYERS": "1"}
+    # Two calls, as under a per-command time limit: 3 runs, then RESUME=1 does the last one.
+    p = runner({**env, "MAX_RUNS": "3"}, tmp_path, timeout=180)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "1 run(s) left" in p.stdout
+    p = runner({**env, "RESUME": "1", "WARMUP_STEPS": "0"}, tmp_path, timeout=180)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "skip[dynamic_s2]: done" in p.stdout and list(commands(p.stdout)) == ["full_s2"]
+    res = tmp_path / "res"
+    rows = read_csv(res / "summary.csv")
+    assert [r["run_id"] for r in rows] == ["full_s1", "dynamic_s1", "dynamic_s2", "full_s2"]  # alternated
+    for r in rows:
+        assert r["status"] == "ok" and r["num_iterations"] == "8" and r["tokens"] == str(8 * 512)
+        assert float(r["setup_sec"]) > 0 and float(r["wall_sec"]) > float(r["elapsed_sec"]) > 0
+        assert float(r["final_val_bpb"]) > 0 and r["peak_vram_mib"] == "NA"  # CPU: no CUDA memory
+        assert (res / f"{r['run_id']}.log").exists() and (res / f"{r['run_id']}.metrics.jsonl").exists()
+    by = {r["run_id"]: r for r in rows}
+    assert by["full_s1"]["active_layers_range"] == "2-2" and by["dynamic_s1"]["active_layers_range"] == "1-2"
+    assert by["full_s1"]["schedule"] == "full_update" and by["dynamic_s2"]["schedule"] == "dynamic_suffix"
+    md = (res / "summary.md").read_text()
+    assert "dynamic / full" in md and sys.executable not in md  # no machine paths in the table
+    w, h, pixels = parse_png((res / "val_bpb_vs_time.png").read_bytes())
+    assert w > 100 and h > 100 and len(set(pixels)) > 4
+    assert not (res / "warmup.metrics.jsonl").exists() and (res / "warmup.log").exists()
+    ckpts = tiny_base / "base_checkpoints"
+    assert not ckpts.exists() or not list(ckpts.iterdir())  # KEEP_CHECKPOINTS=0: every run's checkpoint removed
