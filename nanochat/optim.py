@@ -13,7 +13,8 @@ coordinates where the update and the weight agree in sign). Two knobs shape the 
   group with zeros standing in for missing gradients (wasted work, identical results) -- the A/B
   baseline for frozen-prefix steps.
 * `stack_chunk_size=K > 0` orthogonalises the stack in chunks of exactly K matrices (the last
-  padded with zeros), so a compiled orthogonaliser always sees the same shape and the number of
+  padded with zeros), so a compiled orthogonaliser always sees the same shapes. Without chunking
+  the compiled orthogonaliser marks the stack dimension dynamic instead; either way the number of
   active blocks can change every step without recompiling.
 
 In a torchrun job the optimizer all-reduces (averages) the existing gradients once per step, so
@@ -60,7 +61,7 @@ class MuonAdamW(torch.optim.Optimizer):
     step from `initial_lr` times its schedules."""
 
     def __init__(self, groups: list[dict], *, active_only_stack: bool = True, stack_chunk_size: int = 0,
-                 compile_orthogonalize: bool = False, fused_adamw: bool | None = None):
+                 compile_orthogonalize: bool = False, compile_backend="inductor", fused_adamw: bool | None = None):
         defaults = dict(lr=0.0, weight_decay=0.0)
         super().__init__(groups, defaults)
         for g in self.param_groups:
@@ -75,7 +76,9 @@ class MuonAdamW(torch.optim.Optimizer):
             raise ValueError("stack_chunk_size must be >= 0 (0 = no chunking)")
         self.active_only_stack = active_only_stack
         self.stack_chunk_size = stack_chunk_size
-        self._ortho = torch.compile(orthogonalize, dynamic=False) if compile_orthogonalize else orthogonalize
+        self._compiled = compile_orthogonalize
+        self._ortho = torch.compile(orthogonalize, dynamic=False, backend=compile_backend) if compile_orthogonalize \
+            else orthogonalize
         self._fused_adamw = fused_adamw
 
     # ----------------------------------------------------------------- step
@@ -172,6 +175,11 @@ class MuonAdamW(torch.optim.Optimizer):
     def _orthogonalize_stack(self, stack: torch.Tensor) -> torch.Tensor:
         K = self.stack_chunk_size
         if K <= 0:
+            if self._compiled:
+                # The number of stacked matrices changes whenever the trained suffix does; a symbolic
+                # stack dimension gives one compiled graph per matrix shape instead of one per count
+                # (a 2-7 s recompile stall each time a new count appeared, measured on an H100).
+                torch._dynamo.maybe_mark_dynamic(stack, 0)
             return self._ortho(stack)
         k = stack.size(0)
         pad = (-k) % K

@@ -124,3 +124,25 @@ def test_bad_groups_rejected():
         MuonAdamW([dict(params=[torch.nn.Parameter(torch.randn(2))], lr=0.1)])
     with pytest.raises(ValueError, match="one shape"):
         make_muon([torch.nn.Parameter(torch.randn(4, 4)), torch.nn.Parameter(torch.randn(4, 8))])
+
+
+def test_compiled_orthogonalizer_does_not_recompile_when_the_active_count_changes():
+    """Active-only stacking changes the stack size with the trained suffix; that must not cost a
+    recompile per count (it stalled dynamic-suffix runs for seconds on the GPU)."""
+    import torch._dynamo
+    compiles = []
+
+    def counting_backend(gm, example_inputs):
+        compiles.append(1)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(8, 16)) for _ in range(6)]
+    opt = make_muon(ps, active_only_stack=True, compile_orthogonalize=True, compile_backend=counting_backend)
+    for n_active in (6, 4, 3, 5, 2):
+        for i, p in enumerate(ps):
+            p.grad = torch.randn_like(p) if i >= len(ps) - n_active else None
+        opt.step()
+    assert len(compiles) == 1
+    torch._dynamo.reset()
