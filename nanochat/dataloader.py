@@ -13,6 +13,9 @@ Why this design:
   bit-identically.
 * **Ranks** take row groups round-robin by their index within the epoch (counter % world_size ==
   rank), so ranks never see the same document. The state is per rank: save each rank's.
+* **Training streams** (`build_train_loader`): the trainer reads the split as world_size x
+  grad_accum_steps such "ranks" (streams) and each step takes one batch from every stream, so a
+  step sees the same rows on 1 GPU with 2 accumulation steps as on 2 GPUs with 1.
 """
 from __future__ import annotations
 
@@ -226,3 +229,112 @@ def build_loader(tokenizer, batch_size: int, seq_len: int, split: str, device="c
                 executor.shutdown(wait=False, cancel_futures=True)
 
     return generate()
+
+
+# ---------------------------------------------------------------------------------------------
+# Training data for data-parallel runs: the same rows per optimizer step at any world size
+
+
+def stream_ids(rank: int, world_size: int, grad_accum_steps: int) -> list[int]:
+    """The streams that `rank` reads, in micro-step order: micro-step k of rank r reads stream
+    k * world_size + r, so global micro-batch i is rank i % world_size's (a single process with
+    world_size * grad_accum_steps micro-steps reads stream i at micro-step i)."""
+    return [k * world_size + rank for k in range(grad_accum_steps)]
+
+
+def build_train_loader(tokenizer, batch_size: int, seq_len: int, split: str = "train", device="cpu", rank: int = 0,
+                       world_size: int = 1, grad_accum_steps: int = 1, resume_state: dict | None = None,
+                       data_dir: str | None = None, **kwargs) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
+    """The trainer's loader: infinite (inputs, targets, state) micro-batches for this rank.
+
+    The split is read as D = world_size * grad_accum_steps streams, stream j being what
+    `build_loader(rank=j, world_size=D)` yields (row groups round-robin, so streams are
+    disjoint). Every optimizer step takes the next batch of each stream once; this rank cycles
+    through its own streams (`stream_ids`). Hence the rows of a step depend only on D, i.e. on
+    --total-batch-size / (--device-batch-size * --max-seq-len), never on how D splits into ranks
+    and accumulation steps: 2 ranks x 1 micro-step train on exactly what 1 rank x 2 micro-steps
+    does, and no rank tokenizes another rank's data.
+
+    `state` (JSON-serialisable) is the position after this batch: {"num_streams", "stream_ids",
+    "streams" (each stream's `build_loader` state, None before its first batch), "next" (the
+    micro-step index of the next batch)}. Pass it back as `resume_state`, or regroup the states of
+    every rank with `train_resume_state`.
+    """
+    if not (isinstance(grad_accum_steps, int) and grad_accum_steps >= 1):
+        raise ValueError(f"grad_accum_steps must be a positive int, got {grad_accum_steps!r}")
+    if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank!r} world_size={world_size!r}")
+    num_streams = world_size * grad_accum_steps
+    ids = stream_ids(rank, world_size, grad_accum_steps)
+    subs: list = [None] * grad_accum_steps
+    first = 0
+    if resume_state is not None:
+        keys = ("num_streams", "stream_ids", "streams", "next")
+        if not isinstance(resume_state, dict) or any(k not in resume_state for k in keys):
+            raise ValueError(f"resume_state must be a dict with keys {', '.join(keys)} (a state of "
+                             f"build_train_loader), got {resume_state!r}")
+        saved = (resume_state["num_streams"], list(resume_state["stream_ids"]))
+        if saved != (num_streams, ids):
+            raise ValueError(f"resume_state holds streams {saved[1]} of {saved[0]}, but rank {rank} of {world_size} "
+                             f"with {grad_accum_steps} accumulation steps reads streams {ids} of {num_streams}; "
+                             f"regroup saved states with train_resume_state")
+        subs = list(resume_state["streams"])
+        first = resume_state["next"]
+        if len(subs) != grad_accum_steps or not (isinstance(first, int) and 0 <= first < grad_accum_steps):
+            raise ValueError(f"resume_state has {len(subs)} stream states and next={first!r}; expected "
+                             f"{grad_accum_steps} and 0 <= next < {grad_accum_steps}")
+    loaders = []
+    for sid, sub in zip(ids, subs):
+        try:
+            loaders.append(build_loader(tokenizer, batch_size, seq_len, split, device=device, rank=sid,
+                                        world_size=num_streams, resume_state=sub, data_dir=data_dir, **kwargs))
+        except DataError as e:
+            raise DataError(f"{e} (the {split} split is read as {num_streams} streams = {world_size} ranks x "
+                            f"{grad_accum_steps} accumulation steps; each stream needs its own row groups)") from e
+
+    def generate():
+        k = first
+        states = list(subs)
+        while True:
+            x, y, states[k] = next(loaders[k])
+            k = (k + 1) % grad_accum_steps
+            yield x, y, {"num_streams": num_streams, "stream_ids": list(ids), "streams": list(states), "next": k}
+
+    return generate()
+
+
+def train_resume_state(saved: list, rank: int, world_size: int, grad_accum_steps: int) -> dict | None:
+    """This rank's `build_train_loader` resume state from the states every rank saved at a step
+    boundary (a checkpoint's list, one per saving rank). The streams are regrouped by id, so a
+    run may resume on another world size as long as D = world_size * grad_accum_steps is the
+    same (the same --total-batch-size, --device-batch-size and --max-seq-len). A bare
+    `build_loader` state (older checkpoints: rank r of W) counts as stream r of W. None when no
+    rank had consumed a batch yet (start fresh). Raises ValueError when the data cannot resume exactly."""
+    by_id: dict[int, dict | None] = {}
+    saved_streams = None
+    for i, st in enumerate(saved):
+        if st is None:
+            continue
+        if isinstance(st, dict) and "streams" in st:
+            if st.get("next") != 0:
+                raise ValueError(f"saved data state {i} was taken in the middle of an optimizer step (next "
+                                 f"micro-step {st.get('next')}); only step-boundary states can be regrouped")
+            n, pairs = st["num_streams"], list(zip(st["stream_ids"], st["streams"]))
+        elif isinstance(st, dict) and "world_size" in st and "rank" in st:
+            n, pairs = st["world_size"], [(st["rank"], st)]
+        else:
+            raise ValueError(f"saved data state {i} is not a loader state: {st!r}")
+        if saved_streams not in (None, n):
+            raise ValueError(f"saved data states disagree on the number of streams ({saved_streams} vs {n})")
+        saved_streams = n
+        by_id.update(pairs)
+    if saved_streams is None:
+        return None
+    num_streams = world_size * grad_accum_steps
+    if saved_streams != num_streams:
+        raise ValueError(f"the checkpoint read the training data as {saved_streams} streams (world size x accumulation "
+                         f"steps), this run reads {num_streams} ({world_size} ranks x {grad_accum_steps}); keep "
+                         f"--total-batch-size / (--device-batch-size x --max-seq-len) = {saved_streams} so the data "
+                         f"order resumes exactly")
+    ids = stream_ids(rank, world_size, grad_accum_steps)
+    return {"num_streams": num_streams, "stream_ids": ids, "streams": [by_id.get(j) for j in ids], "next": 0}

@@ -18,7 +18,9 @@ coordinates where the update and the weight agree in sign). Two knobs shape the 
   active blocks can change every step without recompiling.
 
 In a torchrun job the optimizer all-reduces (averages) the existing gradients once per step, so
-gradient accumulation needs no communication until the end.
+gradient accumulation needs no communication until the end. `reduce_grads()` does it early for
+a caller that must read the averaged gradients (the dynamic-suffix relevance measurement), then
+`step(reduce_grads=False)`.
 """
 from __future__ import annotations
 
@@ -83,15 +85,21 @@ class MuonAdamW(torch.optim.Optimizer):
 
     # ----------------------------------------------------------------- step
     @torch.no_grad()
-    def step(self):
-        self._all_reduce_grads()
+    def step(self, reduce_grads: bool = True):
+        """One update. `reduce_grads=False` when the caller already called `reduce_grads()` this
+        step (to read the averaged gradients first), so they are not reduced twice."""
+        if reduce_grads:
+            self.reduce_grads()
         for group in self.param_groups:
             if group["kind"] == "adamw":
                 self._adamw_step(group)
             else:
                 self._muon_step(group)
 
-    def _all_reduce_grads(self):
+    @torch.no_grad()
+    def reduce_grads(self):
+        """Average the existing gradients over all ranks in place (a no-op outside torchrun). Every
+        rank must hold gradients for the same parameters: tensors are paired by position."""
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]

@@ -36,7 +36,7 @@ from nanochat.cli import fail
 from nanochat.common import (UsageError, autodetect_device_type, compute_cleanup, compute_init,
                              get_base_dir, get_dist_info, get_peak_flops, init_wandb, print0, run_provenance)
 from nanochat.core_eval import BundleError, ensure_eval_bundle, evaluate_core, load_bundle
-from nanochat.dataloader import build_loader
+from nanochat.dataloader import build_loader, build_train_loader, train_resume_state
 from nanochat.debug import (GracefulStop, LossSpikeDetector, NonFiniteGuard, PhaseMemory, any_rank,
                             fault_injection_from_env, format_names, nonfinite_tensors)
 from nanochat.dynamic_suffix import DynamicSuffixConfig, DynamicSuffixController
@@ -508,9 +508,16 @@ def main():
     # Data
     # `consumed_state` is where the last *trained-on* batch ended: that is what a checkpoint stores,
     # because the batch already prefetched into (x, y) has not been used yet.
-    consumed_state = meta["dataloader_states"][rank] if resuming else None
-    train_loader = build_loader(tokenizer, args.device_batch_size, args.max_seq_len, "train", device=device,
-                                rank=rank, world_size=world_size, resume_state=consumed_state)
+    # The split is read as world_size x grad_accum_steps streams, one batch of each per step, so a
+    # step trains on the same rows at any world size (nanochat/dataloader.py, build_train_loader).
+    try:
+        consumed_state = train_resume_state(meta["dataloader_states"], rank, world_size, grad_accum_steps) \
+            if resuming else None
+    except ValueError as e:
+        fail([f"checkpoint {checkpoint_dir} step {args.resume_from_step}: {e}"])
+    train_loader = build_train_loader(tokenizer, args.device_batch_size, args.max_seq_len, "train", device=device,
+                                      rank=rank, world_size=world_size, grad_accum_steps=grad_accum_steps,
+                                      resume_state=consumed_state)
     x, y, loader_state = next(train_loader)
     eval_steps = max(1, args.eval_tokens // (args.device_batch_size * args.max_seq_len * world_size))
     # CORE eval bundle: rank 0 finds, converts or downloads it; a missing or malformed bundle skips
@@ -555,7 +562,7 @@ def main():
             metrics.flush()
 
     def gather_loader_states() -> list:
-        """Each rank reads its own row groups, so every rank's loader position is saved."""
+        """Each rank reads its own data streams, so every rank's loader position is saved."""
         if not ddp:
             return [consumed_state]
         states = [None] * world_size
@@ -581,13 +588,16 @@ def main():
         }
 
     def budget_spent() -> bool:
-        """Rank 0's clock decides for every rank, so all ranks stop on the same step."""
+        """Rank 0's clock is every rank's clock (called once per step): all ranks stop on the same
+        step and use the same time-based LR and dynamic-suffix freeze start, so weights stay equal."""
+        nonlocal train_elapsed
         if not time_budget:
             return False
-        flag = torch.tensor(float(train_elapsed >= time_budget), device=device)
         if ddp:
-            torch.distributed.broadcast(flag, 0)
-        return bool(flag.item())
+            clock = torch.tensor(train_elapsed, dtype=torch.float64, device=device)
+            torch.distributed.broadcast(clock, 0)
+            train_elapsed = clock.item()
+        return train_elapsed >= time_budget
 
     barrier = torch.distributed.barrier if ddp else None
 
@@ -699,6 +709,9 @@ def main():
                 set_fp8_weight_cache(model, True, modules=list(model.transformer.h[:active_start]))
             frozen_fp8 = active_start
         loss_sum = torch.zeros((), device=device)
+        if ddp:  # [loss sum, active_start, active_start^2], summed over ranks after the micro-steps
+            # (made here, where the device is idle, so the host-to-device copy stalls nothing)
+            stats = torch.tensor([0.0, active_start, active_start ** 2], dtype=torch.float64, device=device)
         mem_probe.start(step)  # --debug-mem-every: per-phase peaks (a no-op on most steps)
         for micro_step in range(grad_accum_steps):
             with autocast_ctx:
@@ -711,7 +724,20 @@ def main():
             mem_probe.end("backward")
             consumed_state = loader_state
             x, y, loader_state = next(train_loader)  # prefetch while the GPU works
-        train_loss = (loss_sum / grad_accum_steps).item()  # the one host sync of the step
+        if ddp:
+            # The logged loss is the mean over every rank's micro-batches. And every rank must train
+            # the same blocks (the gradient all-reduce pairs tensors by position): with a = each rank's
+            # active_start, all are equal iff (sum a)^2 == W * sum a^2. One collective for both.
+            stats[0] = loss_sum
+            torch.distributed.all_reduce(stats)
+            loss_total, a_sum, a_sq = stats.tolist()  # the one host sync of the step
+            train_loss = loss_total / (world_size * grad_accum_steps)
+            if a_sum ** 2 != world_size * a_sq:
+                raise RuntimeError(f"step {step}: the ranks chose different dynamic_suffix active_start values "
+                                   f"(this rank {active_start}, mean {a_sum / world_size:g}); their controllers "
+                                   f"diverged, so the gradient all-reduce would mix different blocks")
+        else:
+            train_loss = (loss_sum / grad_accum_steps).item()  # the one host sync of the step
         # Never let a non-finite loss (or, with --debug-nan, gradient) reach the optimizer: stop with
         # the last checkpoint intact, or with --skip-nonfinite-steps drop this step's gradients.
         problem = guard.check_before_step(train_loss)
@@ -737,10 +763,16 @@ def main():
             sys.exit(1)
         guard.on_good_step()
         scores = None
+        grads_reduced = False
         if dyn and dyn.is_full_step(step):
             # Relevance from the live gradients (before the optimizer step and zero_grad), on device.
+            # Under torchrun from the rank-averaged gradients, as one process with accumulation
+            # would measure them (the reduce the optimizer does anyway, done earlier).
+            if ddp:
+                optimizer.reduce_grads()
+                grads_reduced = True
             scores = dyn.block_scores(model.block_params())
-            if ddp:  # ranks must agree on the next active_start: average their local measurements
+            if ddp:  # identical already; averaging makes sure all controllers see the same bits
                 torch.distributed.all_reduce(scores)
                 scores /= world_size
         lrm = lr_multiplier_time(train_elapsed / time_budget) if time_budget else lr_multiplier(step)
@@ -757,7 +789,7 @@ def main():
             group["lr"] = group["initial_lr"] * lrm
             if group["kind"] == "muon":
                 group["momentum"] = muon_momentum(step)
-        optimizer.step()
+        optimizer.step(reduce_grads=not grads_reduced)
         if ema:
             ema.update()
         mem_probe.end("optimizer")
