@@ -97,4 +97,5 @@ if __name__ == "__main__":
         with open(os.path.join(root, "runs", "speedrun_small.sh"), encoding="utf-8") as f:
             print(feature_flags_doc(f.read()), end="")
     else:
+        from scripts.base_train import build_parser  # noqa: PLC0415
         build_parser().print_help()

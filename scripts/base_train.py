@@ -43,8 +43,8 @@ from nanochat.dynamic_suffix import DynamicSuffixConfig, DynamicSuffixController
 from nanochat.ema import WeightEMA, split_ema_state
 from nanochat.engine import eval_mode, sample_prompts
 from nanochat.evaluation import evaluate_bpb
-from nanochat.fp8 import (Fp8Options, check_fp8_hardware, convert_to_fp8, disable_fp8, refresh_fp8_weight_caches,
-                          set_fp8_weight_cache, validate_fp8_options)
+from nanochat.fp8 import (Fp8Options, check_fp8_hardware, convert_to_fp8, set_fp8_weight_cache,
+                          validate_fp8_options)
 from nanochat.gpt import GPT, GPTConfig, validate_window_pattern
 from nanochat.optim import MuonAdamW
 from nanochat.runconfig import (dry_run_report, horizon_problems, model_config_from_args, parse_with_config,

@@ -116,7 +116,7 @@ def main():
                         step()
                     torch.cuda.synchronize()
                 print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
-        del model, opt, fwd
+        model = opt = fwd = None  # free this compile mode's model before building the next
         torch.cuda.empty_cache()
     print(f"\n{'compile':9s} {'active':>6s} {'first_s':>8s} {'step_ms':>8s} {'tok/s':>10s} {'vs_a0':>6s} {'peak_GiB':>8s}")
     for mode, a, first, ms, tps, ratio, mem in rows:

@@ -28,3 +28,13 @@ def base_dir(tmp_path, monkeypatch):
     d.mkdir()
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(d))
     return d
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    """A 512-token BPE trained once per session on the embedded sample; copy it with
+    tests.helpers.base_with_tokenizer."""
+    from tests.helpers import run
+    base = tmp_path_factory.mktemp("tokenizer_base")
+    run(["-m", "scripts.tok_train", "--vocab-size=512", "--max-chars=2000000"], base)
+    return os.path.join(base, "tokenizer")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from nanochat import core_eval
-from nanochat.core_eval import (BundleError, CoreTask, centered, continuation_spans, convert_dclm_bundle,
+from nanochat.core_eval import (BundleError, CoreTask, centered, continuation_spans,
                                 ensure_eval_bundle, evaluate_core, fewshot_examples, load_bundle,
                                 parse_icl_tasks_yaml, render_prompts, score_example)
 

@@ -19,11 +19,10 @@ from nanochat.dataloader import build_train_loader, train_resume_state
 from nanochat.dataset import SAMPLE_DIR, iter_texts
 from nanochat.tokenizer import train_tokenizer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT, TINY as TINY_BASE, base_with_tokenizer
+
 # 2 micro-batches of 4 x 64 per step: 1 rank x 2 accumulation steps, or 2 ranks x 1.
-TINY = ["--device-type=cpu", "--no-compile", "--depth=2", "--aspect-ratio=32", "--head-dim=32", "--max-seq-len=64",
-        "--device-batch-size=4", "--total-batch-size=512", "--eval-every=-1", "--matrix-lr=0.1",
-        "--embedding-lr=1.0", "--unembedding-lr=0.02"]
+TINY = [*TINY_BASE, "--eval-every=-1"]
 FEATURES = ["--fp8", "--fp8-min-dim=16", "--lm-ce-backend=chunked", "--lm-ce-chunk-size=96"]
 DYN = ["--depth=4", "--block-update-schedule=dynamic_suffix", "--dyn-warmup-steps=2", "--dyn-probe-every=3",
        "--dyn-refresh-every=-1", "--dyn-relevance-threshold=0.5"]
@@ -57,14 +56,9 @@ def assert_close(a: dict, b: dict, rel=REL):
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """A base dir with a tiny tokenizer trained on the embedded sample (training reads the sample too)."""
-    d = tmp_path_factory.mktemp("ddp_base")
-    out = subprocess.run([sys.executable, "-m", "scripts.tok_train", "--vocab-size=512", "--max-chars=500000"],
-                         cwd=ROOT, env={**os.environ, "NANOCHAT_BASE_DIR": str(d)}, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return d
+def base(tmp_path_factory, tiny_tokenizer):
+    """A base dir with the session's tiny tokenizer (training reads the embedded sample)."""
+    return base_with_tokenizer(tmp_path_factory, "ddp_base", tiny_tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -133,8 +127,8 @@ def test_dynamic_suffix_ranks_agree(base, tmp_path):
     """Every rank trains the same suffix each step (base_train checks it every step under torchrun and
     stops on disagreement), and it is the suffix one process with accumulation chooses."""
     args = [*TINY, *DYN, "--num-iterations=8", "--model-tag=dyn"]
-    two = run([*args, f"--metrics-file={tmp_path / 'two.jsonl'}"], base, nproc=2)
-    one = run([*args, f"--metrics-file={tmp_path / 'one.jsonl'}"], base)
+    run([*args, f"--metrics-file={tmp_path / 'two.jsonl'}"], base, nproc=2)
+    run([*args, f"--metrics-file={tmp_path / 'one.jsonl'}"], base)
     a, b = steps(tmp_path / "one.jsonl"), steps(tmp_path / "two.jsonl")
     active = [b[s]["active_layers"] for s in sorted(b)]
     assert min(active) < 4 and active[:2] == [4, 4], active  # warmup, then suffix steps

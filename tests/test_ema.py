@@ -2,8 +2,6 @@
 import os
 import re
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,7 +9,7 @@ import torch
 from nanochat.checkpoint import load_checkpoint, save_checkpoint
 from nanochat.ema import EMA_PREFIX, WeightEMA, split_ema_state
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import TINY, base_with_tokenizer, run
 
 
 def small_model(dtype=torch.float32):
@@ -82,31 +80,20 @@ def test_checkpoint_round_trip(tmp_path):
 
 # -----------------------------------------------------------------------------
 # Through the real training script: resume restores the EMA exactly.
-TINY = ["--device-type=cpu", "--no-compile", "--depth=2", "--aspect-ratio=32", "--head-dim=32", "--max-seq-len=64",
-        "--device-batch-size=4", "--total-batch-size=512", "--eval-tokens=1024", "--matrix-lr=0.1",
-        "--embedding-lr=1.0", "--unembedding-lr=0.02", "--ema-decay=0.9"]
+TINY_EMA = [*TINY, "--eval-tokens=1024", "--ema-decay=0.9"]
 
 
-def run(args, base):
-    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base), "PYTHONUNBUFFERED": "1"}
-    out = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out
-
-
-def test_training_resume_restores_the_ema_exactly(tmp_path):
-    base = tmp_path / "base"
-    base.mkdir()
-    run(["-m", "scripts.tok_train", "--vocab-size=512", "--max-chars=200000"], base)
+def test_training_resume_restores_the_ema_exactly(tmp_path_factory, tiny_tokenizer):
+    base = base_with_tokenizer(tmp_path_factory, "ema_base", tiny_tokenizer)
     n = 4
-    straight = run(["-m", "scripts.base_train", *TINY, f"--num-iterations={2 * n}", f"--save-every={n}",
+    straight = run(["-m", "scripts.base_train", *TINY_EMA, f"--num-iterations={2 * n}", f"--save-every={n}",
                     f"--eval-every={n}", "--model-tag=ema"], base)
     ckpt_dir = os.path.join(base, "base_checkpoints", "ema")
     final = os.path.join(ckpt_dir, f"step_{2 * n:06d}")
     ref = torch.load(os.path.join(final, "model.pt"), weights_only=True)
     assert any(k.startswith(EMA_PREFIX) for k in ref)
     shutil.rmtree(final)
-    resumed = run(["-m", "scripts.base_train", *TINY, f"--num-iterations={2 * n}", f"--resume-from-step={n}",
+    resumed = run(["-m", "scripts.base_train", *TINY_EMA, f"--num-iterations={2 * n}", f"--resume-from-step={n}",
                    f"--eval-every={n}", "--model-tag=ema"], base)
     assert f"weight EMA restored ({n} updates)" in resumed.stdout
     got = torch.load(os.path.join(final, "model.pt"), weights_only=True)

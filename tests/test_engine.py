@@ -1,11 +1,8 @@
 """KV-cache generation: same logits and same tokens as full recomputation (greedy and seeded
 sampling), windows respected, evaluation mode restores everything, and the scripts run end to end."""
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,7 +10,7 @@ import torch
 from nanochat.engine import Engine, KVCache, eval_mode, sample_next_token, uncompiled
 from nanochat.gpt import GPT, GPTConfig
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import TINY, base_with_tokenizer, run
 
 
 def make_model(window_pattern="L", seed=0, sequence_len=16, n_layer=3):
@@ -146,26 +143,15 @@ def test_eval_mode_turns_fp8_off():
 
 # -----------------------------------------------------------------------------
 # End to end: a tiny checkpoint trained by scripts.base_train, read by generate and base_eval.
-TINY = ["--device-type=cpu", "--no-compile", "--depth=2", "--aspect-ratio=32", "--head-dim=32", "--max-seq-len=64",
-        "--device-batch-size=4", "--total-batch-size=512", "--eval-tokens=1024", "--matrix-lr=0.1",
-        "--embedding-lr=1.0", "--unembedding-lr=0.02", "--window-pattern=SL"]
-
-
-def run(args, base, check=True):
-    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base), "PYTHONUNBUFFERED": "1"}
-    out = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    if check:
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out
+TINY_SL = [*TINY, "--eval-tokens=1024", "--window-pattern=SL"]
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    base = tmp_path_factory.mktemp("engine_base")
+def trained(tmp_path_factory, tiny_tokenizer):
+    base = base_with_tokenizer(tmp_path_factory, "engine_base", tiny_tokenizer)
     from tests.test_core_eval import LM, MC, SCHEMA, TASKS, write_bundle
     write_bundle(base / "eval_bundle", TASKS, {"mc.jsonl": MC, "schema.jsonl": SCHEMA, "lm.jsonl": LM})
-    run(["-m", "scripts.tok_train", "--vocab-size=512", "--max-chars=200000"], base)
-    out = run(["-m", "scripts.base_train", *TINY, "--num-iterations=6", "--eval-every=6", "--core-metric-every=3",
+    out = run(["-m", "scripts.base_train", *TINY_SL, "--num-iterations=6", "--eval-every=6", "--core-metric-every=3",
                "--core-metric-max-per-task=2", "--sample-every=3", "--ema-decay=0.9", "--model-tag=tiny"], base)
     return base, out.stdout
 
@@ -179,7 +165,7 @@ def test_training_prints_samples_and_core(trained):
 def test_missing_bundle_skips_core_with_one_warning(trained, tmp_path):
     base = tmp_path / "base"
     shutil.copytree(trained[0] / "tokenizer", base / "tokenizer")   # a base dir without eval_bundle
-    out = run(["-m", "scripts.base_train", *TINY, "--num-iterations=1", "--eval-every=-1", "--core-metric-every=1"], base)
+    out = run(["-m", "scripts.base_train", *TINY_SL, "--num-iterations=1", "--eval-every=-1", "--core-metric-every=1"], base)
     assert "CORE is skipped" in out.stdout and "| CORE " not in out.stdout
 
 

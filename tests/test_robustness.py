@@ -21,27 +21,12 @@ from nanochat.runconfig import (config_file_defaults, estimate_memory, model_con
 from nanochat.tokenizer import Tokenizer, TokenizerError, get_token_bytes
 from scripts import base_train
 from scripts.base_train import build_parser
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--device-type=cpu", "--no-compile", "--depth=2", "--aspect-ratio=32", "--head-dim=32", "--max-seq-len=64",
-        "--device-batch-size=4", "--total-batch-size=512", "--eval-tokens=2048", "--matrix-lr=0.1",
-        "--embedding-lr=1.0", "--unembedding-lr=0.02"]
-
-
-def run(args, base, check=True, env=None):
-    full_env = {**os.environ, "NANOCHAT_BASE_DIR": str(base), "PYTHONUNBUFFERED": "1", **(env or {})}
-    out = subprocess.run([sys.executable, *args], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=300)
-    if check:
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out
+from tests.helpers import ROOT, TINY, base_with_tokenizer, run
 
 
 @pytest.fixture(scope="module")
-def trained_base(tmp_path_factory):
-    """A base dir holding a tiny tokenizer trained on the embedded sample."""
-    base = tmp_path_factory.mktemp("robust_base")
-    run(["-m", "scripts.tok_train", "--vocab-size=512", "--max-chars=2000000"], base)
-    return base
+def trained_base(tmp_path_factory, tiny_tokenizer):
+    return base_with_tokenizer(tmp_path_factory, "robust_base", tiny_tokenizer)
 
 
 def ckpt_dir(base, tag):

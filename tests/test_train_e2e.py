@@ -2,32 +2,17 @@
 import os
 import re
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--device-type=cpu", "--no-compile", "--depth=2", "--aspect-ratio=32", "--head-dim=32", "--max-seq-len=64",
-        "--device-batch-size=4", "--total-batch-size=512", "--eval-tokens=2048", "--matrix-lr=0.1",
-        "--embedding-lr=1.0", "--unembedding-lr=0.02"]
-
-
-def run(args, base, check=True):
-    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base), "PYTHONUNBUFFERED": "1"}
-    out = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    if check:
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out
+from tests.helpers import TINY, base_with_tokenizer, run
 
 
 @pytest.fixture(scope="module")
-def trained_base(tmp_path_factory):
-    """A base dir holding a tiny tokenizer trained on the embedded sample."""
-    base = tmp_path_factory.mktemp("e2e_base")
-    run(["-m", "scripts.tok_train", "--vocab-size=512", "--max-chars=2000000"], base)
-    return base
+def trained_base(tmp_path_factory, tiny_tokenizer):
+    """A base dir holding the session's tiny tokenizer (training reads the embedded sample)."""
+    return base_with_tokenizer(tmp_path_factory, "e2e_base", tiny_tokenizer)
 
 
 def losses(stdout):
