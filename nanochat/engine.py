@@ -308,3 +308,27 @@ def load_model(model_tag: str | None, step: int, device: torch.device, use_ema: 
     model.eval()
     meta = {**meta, "step": step, "model_dir": model_dir}
     return model, meta, weights
+
+
+def setup_inference(device_type: str, model_tag: str | None, step: int, use_ema: bool):
+    """What scripts/base_eval.py and scripts/generate.py both need, with every expected failure
+    turned into one `UsageError` line: compute init, autocast, tokenizer, checkpoint -> model.
+
+    Returns (device, world_size, autocast_ctx, tokenizer, model, meta, weights_name)."""
+    from contextlib import nullcontext  # noqa: PLC0415
+
+    from nanochat.checkpoint import CheckpointError  # noqa: PLC0415
+    from nanochat.common import UsageError, autodetect_device_type, compute_init  # noqa: PLC0415
+    from nanochat.tokenizer import TokenizerError, get_tokenizer  # noqa: PLC0415
+    device_type = device_type or autodetect_device_type()
+    _, _, _, world_size, device = compute_init(device_type)
+    autocast_ctx = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
+    try:
+        tokenizer = get_tokenizer()
+        model, meta, weights = load_model(model_tag, step, device, use_ema=use_ema)
+    except (CheckpointError, TokenizerError) as e:
+        raise UsageError(str(e)) from None
+    if model.config.vocab_size != tokenizer.get_vocab_size():
+        raise UsageError(f"the checkpoint's vocab_size {model.config.vocab_size} differs from the tokenizer's "
+                         f"{tokenizer.get_vocab_size()}: use the tokenizer the model was trained with")
+    return device, world_size, autocast_ctx, tokenizer, model, meta, weights

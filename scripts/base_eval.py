@@ -17,11 +17,10 @@ import argparse
 import json
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 
-from nanochat.common import UsageError, autodetect_device_type, compute_cleanup, compute_init, print0
+from nanochat.common import UsageError, compute_cleanup, get_dist_info, print0
 
 EVALS = ("bpb", "core", "sample")
 
@@ -72,24 +71,14 @@ def main(argv=None):
     if problems:
         fail(problems)
     evals = [e.strip() for e in args.evals.split(",") if e.strip()]
-    device_type = args.device_type or autodetect_device_type()
+    from nanochat.engine import eval_mode, setup_inference  # noqa: PLC0415
+    from nanochat.tokenizer import get_token_bytes  # noqa: PLC0415
     try:
-        ddp, rank, _, world_size, device = compute_init(device_type)
+        device, world_size, autocast_ctx, tokenizer, model, meta, weights = setup_inference(
+            args.device_type, args.model_tag, args.step, use_ema=not args.no_ema)
     except UsageError as e:
         fail([str(e)])
-    autocast_ctx = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
-
-    from nanochat.checkpoint import CheckpointError  # noqa: PLC0415
-    from nanochat.engine import eval_mode, load_model  # noqa: PLC0415
-    from nanochat.tokenizer import TokenizerError, get_token_bytes, get_tokenizer  # noqa: PLC0415
-    try:
-        tokenizer = get_tokenizer()
-        model, meta, weights = load_model(args.model_tag, args.step, device, use_ema=not args.no_ema)
-    except (CheckpointError, TokenizerError) as e:
-        fail([str(e)])
-    if model.config.vocab_size != tokenizer.get_vocab_size():
-        fail([f"the checkpoint's vocab_size {model.config.vocab_size} differs from the tokenizer's "
-              f"{tokenizer.get_vocab_size()}: evaluate with the tokenizer the model was trained with"])
+    ddp, rank = world_size > 1, get_dist_info()[1]
     seq_len = model.config.sequence_len
     print0(f"base_eval: {meta['model_dir']} step {meta['step']} ({weights} weights), device {device}, evals {evals}")
     result = {"model_dir": meta["model_dir"], "step": meta["step"], "weights": weights, "device": str(device)}

@@ -14,11 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from contextlib import nullcontext
 
-import torch
-
-from nanochat.common import UsageError, autodetect_device_type, compute_init
+from nanochat.common import UsageError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,20 +66,11 @@ def main(argv=None):
     problems = validate_args(args)
     if problems:
         fail(problems)
-    device_type = args.device_type or autodetect_device_type()
+    from nanochat.engine import Engine, setup_inference  # noqa: PLC0415
     try:
-        _, _, _, _, device = compute_init(device_type)
+        device, _, autocast_ctx, tokenizer, model, meta, weights = setup_inference(
+            args.device_type, args.model_tag, args.step, use_ema=not args.no_ema)
     except UsageError as e:
-        fail([str(e)])
-    autocast_ctx = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
-
-    from nanochat.checkpoint import CheckpointError  # noqa: PLC0415
-    from nanochat.engine import Engine, load_model  # noqa: PLC0415
-    from nanochat.tokenizer import TokenizerError, get_tokenizer  # noqa: PLC0415
-    try:
-        tokenizer = get_tokenizer()
-        model, meta, weights = load_model(args.model_tag, args.step, device, use_ema=not args.no_ema)
-    except (CheckpointError, TokenizerError) as e:
         fail([str(e)])
     bos = tokenizer.get_bos_token_id()
     tokens = tokenizer.encode(args.prompt, prepend=bos)
