@@ -642,6 +642,7 @@ def main():
     graceful = GracefulStop().install()  # SIGTERM/SIGINT: finish the step, save, exit 0
 
     frozen_fp8 = None  # the active_start whose frozen-prefix FP8 weight caches are live
+    flops_by_start = {0: flops_per_token}  # training FLOPs per token by active_start (for MFU)
     while True:
         if any_rank(graceful.requested, device, ddp):
             save_now()
@@ -819,7 +820,9 @@ def main():
         debiased = smooth_loss / (1 - 0.9 ** (step + 1))
         tok_per_sec = total_batch_size / dt
         # MFU counts the work done: a frozen prefix does forward-only FLOPs.
-        step_flops = model.estimate_flops(active_start) if active_start else flops_per_token
+        if active_start not in flops_by_start:  # walks the parameters: once per active_start, not per step
+            flops_by_start[active_start] = model.estimate_flops(active_start)
+        step_flops = flops_by_start[active_start]
         mfu_value = 100 * step_flops * tok_per_sec / (peak_flops * world_size) if peak_flops else None
         mfu = f" | mfu {mfu_value:.1f}%" if mfu_value is not None else ""
         active = f" | active {model_config.n_layer - active_start}/{model_config.n_layer}" if dyn else ""
