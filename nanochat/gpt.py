@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat.attention import attention
+from nanochat.common import print0
 from nanochat.lm_head import lm_head_loss
 
 
@@ -150,6 +151,7 @@ class GPT(nn.Module):
         self.lm_ce_backend = "baseline"
         self.lm_ce_chunk_size = 4096
         self._head_fn = self._head_loss
+        self._compiled = False
 
     # ------------------------------------------------------------------ init
     @staticmethod
@@ -262,6 +264,25 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             block.compile(**compile_kwargs)
         self._head_fn = torch.compile(self._head_loss, **compile_kwargs)
+        self._compiled = True
+
+    def _run_region(self, call):
+        """Run one compiled region. If compiling it fails, say so loudly, switch every region back
+        to eager (they share code, so the others would fail the same way) and run it eagerly: a
+        compile failure happens before the region executes, so the retry has no side effects."""
+        try:
+            return call()
+        except Exception as e:  # noqa: BLE001 (only compiler failures are handled, the rest re-raised)
+            if not (self._compiled and type(e).__module__.startswith(("torch._dynamo", "torch._inductor"))):
+                raise
+            first_line = (str(e).strip().splitlines() or [""])[0]
+            print0(f"WARNING: torch.compile failed ({type(e).__name__}: {first_line}); "
+                   f"running the model EAGERLY from now on (slower). Pass --no-compile to skip compiling.")
+            for block in self.transformer.h:
+                block._compiled_call_impl = None  # what nn.Module.compile() set
+            self._head_fn = self._head_loss
+            self._compiled = False
+            return call()
 
     # --------------------------------------------------------------- forward
     def _head_loss(self, x, targets, loss_reduction: str):
@@ -306,14 +327,14 @@ class GPT(nn.Module):
         if active_start > 0:
             with torch.no_grad():
                 for block in blocks[:active_start]:
-                    x = block(x, x0, cos, sin, self.attn_backend)
+                    x = self._run_region(lambda: block(x, x0, cos, sin, self.attn_backend))
             x = x.detach()
         for block in blocks[active_start:]:
-            x = block(x, x0, cos, sin, self.attn_backend)
+            x = self._run_region(lambda: block(x, x0, cos, sin, self.attn_backend))
         if targets is None:
             logits = self.lm_head(norm(x)).float()
             return self.config.softcap * torch.tanh(logits / self.config.softcap)
-        return self._head_fn(x, targets, loss_reduction)
+        return self._run_region(lambda: self._head_fn(x, targets, loss_reduction))
 
 
 def lm_head_loss_from_logits(logits, targets, reduction: str = "mean"):

@@ -134,3 +134,25 @@ def test_deterministic_init():
     a, b = make_model(seed=3), make_model(seed=3)
     for (n, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(p, q), n
+
+
+def test_a_failing_compile_falls_back_to_eager_loudly(capsys):
+    """A region whose compile fails runs eagerly, with a warning, instead of crashing or silently
+    degrading; the result equals the eager model's."""
+    import torch._dynamo
+
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("simulated compiler crash")
+
+    m = make_model()
+    x, y = batch()
+    ref = m(x, y)
+    torch._dynamo.reset()
+    m.compile_regions(backend=broken_backend)
+    got = m(x, y, active_start=1)
+    torch._dynamo.reset()
+    assert torch.allclose(got, ref, atol=1e-6)
+    out = capsys.readouterr().out
+    assert "WARNING: torch.compile failed" in out and "EAGERLY" in out
+    assert out.count("WARNING: torch.compile failed") == 1
+    assert not m._compiled and all(b._compiled_call_impl is None for b in m.transformer.h)
