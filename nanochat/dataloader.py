@@ -217,7 +217,7 @@ def build_loader(tokenizer, batch_size: int, seq_len: int, split: str, device="c
                         x = x_buf.to(device, non_blocking=True)
                         y = y_buf.to(device, non_blocking=True)
                         event = torch.cuda.Event()
-                        event.record()
+                        event.record(torch.cuda.current_stream(torch.device(device)))
                         slots[step % 2] = (x_buf, y_buf, event)
                     else:
                         x = batch[:, :-1].contiguous().to(device)

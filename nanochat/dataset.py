@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import http.client
 import json
 import os
 import random
@@ -280,13 +281,14 @@ def download_shard(index: int, dest_dir: str, base_url: str, max_attempts: int =
                     if not chunk:
                         break
                     f.write(chunk)
+                f.flush()
+                os.fsync(f.fileno())  # the bytes are on disk before the file gets its real name
             open_shard(tmp)  # verify before it gets its real name
             os.replace(tmp, final)
             return final
-        except (urllib.error.URLError, OSError, DataError) as e:
+        # HTTPException covers a connection cut mid-body (http.client.IncompleteRead).
+        except (urllib.error.URLError, http.client.HTTPException, OSError, DataError) as e:
             last_err = e
-            if os.path.exists(tmp):
-                os.remove(tmp)
             if _is_offline_error(e):
                 raise DownloadError(f"cannot reach {url} ({getattr(e, 'reason', e)}): no network? "
                                     f"Copy shards into {dest_dir} instead, or use the embedded "
@@ -297,6 +299,9 @@ def download_shard(index: int, dest_dir: str, base_url: str, max_attempts: int =
                 wait = backoff ** attempt
                 print0(f"{name}: attempt {attempt}/{max_attempts} failed ({e}); retrying in {wait:.0f}s")
                 time.sleep(wait)
+        finally:  # success renamed it; any failure (Ctrl-C included) must not leave a partial file
+            if os.path.exists(tmp):
+                os.remove(tmp)
     raise DownloadError(f"{url}: failed after {max_attempts} attempts ({last_err})")
 
 

@@ -380,8 +380,10 @@ def main():
     resuming = args.resume_from_step != -1
     if resuming:
         try:
+            # MuonAdamW's state is replicated (every rank holds all of it), so one file serves every
+            # rank and a checkpoint resumes on any world size with the same data streams.
             model_state, optim_state, meta = load_checkpoint(checkpoint_dir, args.resume_from_step, device,
-                                                             load_optimizer=True, rank=rank)
+                                                             load_optimizer=True, rank=0)
         except CheckpointError as e:
             fail([str(e)])
         model_state, saved_ema_state = split_ema_state(model_state)  # EMA tensors ride along in model.pt
@@ -613,7 +615,7 @@ def main():
         model_state = model.state_dict()
         if ema:  # fp32 EMA tensors under their own key prefix (nanochat/ema.py)
             model_state = {**model_state, **ema.state_tensors()}
-        save_checkpoint(checkpoint_dir, step, model_state, optimizer.state_dict(),
+        save_checkpoint(checkpoint_dir, step, model_state, optimizer.state_dict() if master else None,
                         checkpoint_meta(gather_loader_states()),
                         rank=rank, world_size=world_size, barrier=barrier, keep_last_k=args.keep_last_k)
         print0(f"saved checkpoint step {step} to {checkpoint_dir}")

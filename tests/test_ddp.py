@@ -160,8 +160,9 @@ def test_resume_parity_two_ranks(base, tmp_path):
     args = [*TINY, *DYN, *FEATURES, f"--num-iterations={2 * n}", "--model-tag=resume"]
     ckpt_dir = os.path.join(base, "base_checkpoints", "resume")
     run([*args, f"--save-every={n}", f"--metrics-file={tmp_path / 'straight.jsonl'}"], base, nproc=2)
+    # The optimizer state is replicated across ranks, so rank 0 alone writes it.
     assert {f for f in os.listdir(os.path.join(ckpt_dir, f"step_{n:06d}")) if f.startswith("optim_rank")} == \
-        {"optim_rank0.pt", "optim_rank1.pt"}
+        {"optim_rank0.pt"}
     final = os.path.join(ckpt_dir, f"step_{2 * n:06d}")
     ref = torch.load(os.path.join(final, "model.pt"), weights_only=True)
     shutil.rmtree(final)
