@@ -98,6 +98,29 @@ def latest_complete_step(checkpoint_dir: str | os.PathLike) -> int | None:
     return steps[-1] if steps else None
 
 
+def set_aside_newer(checkpoint_dir: str | os.PathLike, step: int) -> list[str]:
+    """Resuming from `step` abandons every complete checkpoint after it (they belong to the run
+    that is being rewound). Rename them to `abandoned_step_N` so that retention (`keep_last_k`) and
+    "latest" only ever see the resumed run's checkpoints, which would otherwise be the ones deleted
+    and skipped. Nothing is deleted; returns the new paths. Call on rank 0 only."""
+    checkpoint_dir = os.fspath(checkpoint_dir)
+    moved = []
+    for s in find_complete_steps(checkpoint_dir):
+        if s <= step:
+            continue
+        src = step_dir(checkpoint_dir, s)
+        dst = os.path.join(checkpoint_dir, f"abandoned_step_{s:06d}")
+        n = 1
+        while os.path.exists(dst):
+            dst = os.path.join(checkpoint_dir, f"abandoned_step_{s:06d}.{n}")
+            n += 1
+        os.replace(src, dst)
+        moved.append(dst)
+    if moved:
+        _fsync_dir(checkpoint_dir)
+    return moved
+
+
 def _available(checkpoint_dir: str) -> str:
     steps = find_complete_steps(checkpoint_dir)
     return ", ".join(str(s) for s in steps) if steps else "none"

@@ -59,8 +59,8 @@ def orthogonalize(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
 
 class MuonAdamW(torch.optim.Optimizer):
     """param_groups carry `kind` = 'adamw' (lr, betas, eps, weight_decay) or 'muon' (lr,
-    momentum, weight_decay). The trainer sets `lr` (and Muon `momentum`/`weight_decay`) every
-    step from `initial_lr` times its schedules."""
+    momentum, weight_decay). The trainer sets `lr` every step from `initial_lr` times its LR
+    schedule, and Muon's `momentum` from its warmup; weight decay is constant (applied times lr)."""
 
     def __init__(self, groups: list[dict], *, active_only_stack: bool = True, stack_chunk_size: int = 0,
                  compile_orthogonalize: bool = False, compile_backend="inductor", fused_adamw: bool | None = None):
@@ -104,7 +104,7 @@ class MuonAdamW(torch.optim.Optimizer):
             return
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         # One flat buffer per dtype: few large collectives instead of one per parameter.
-        for dtype in {g.dtype for g in grads}:
+        for dtype in sorted({g.dtype for g in grads}, key=str):  # the same order on every rank
             same = [g for g in grads if g.dtype == dtype]
             flat = torch.cat([g.reshape(-1) for g in same])
             dist.all_reduce(flat, op=dist.ReduceOp.AVG if flat.is_cuda else dist.ReduceOp.SUM)
@@ -187,6 +187,9 @@ class MuonAdamW(torch.optim.Optimizer):
                 # The number of stacked matrices changes whenever the trained suffix does; a symbolic
                 # stack dimension gives one compiled graph per matrix shape instead of one per count
                 # (a 2-7 s recompile stall each time a new count appeared, measured on an H100).
+                # Dynamo specialises a dimension of size 1, so a lone matrix is padded to two.
+                if stack.size(0) == 1:
+                    return self._ortho(torch.cat([stack, torch.zeros_like(stack)]))[:1]
                 torch._dynamo.maybe_mark_dynamic(stack, 0)
             return self._ortho(stack)
         k = stack.size(0)

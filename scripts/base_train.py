@@ -31,7 +31,7 @@ import torch._dynamo
 
 from nanochat.attention import select_attention_backend
 from nanochat.checkpoint import (CheckpointError, check_state_dict_keys, diff_model_config,
-                                 load_checkpoint, save_checkpoint)
+                                 load_checkpoint, save_checkpoint, set_aside_newer)
 from nanochat.cli import fail
 from nanochat.common import (UsageError, autodetect_device_type, compute_cleanup, compute_init,
                              get_base_dir, get_dist_info, get_peak_flops, init_wandb, print0, run_provenance)
@@ -395,6 +395,11 @@ def main():
         model.load_state_dict(model_state, strict=True)
         del model_state
         print0(f"resuming from step {args.resume_from_step} of {checkpoint_dir}")
+        if master:  # later checkpoints belong to the run being rewound: keep them, out of the way
+            for path in set_aside_newer(checkpoint_dir, args.resume_from_step):
+                print0(f"set aside {path} (newer than the resumed step; not used for --resume-latest or retention)")
+        if ddp:
+            torch.distributed.barrier()
 
     # -----------------------------------------------------------------------------
     # FP8: convert linears in place (weights are shared, so checkpoints and the optimizer are unaffected)
@@ -453,7 +458,16 @@ def main():
         compile_orthogonalize=(not args.no_compile and device_type == "cuda"),
     )
     if resuming:
+        # load_state_dict would also restore the saved groups' hyper-parameters; this run's flags win
+        # (identical values, as in an exact resume, change nothing).
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         optimizer.load_state_dict(optim_state)
+        for group, hp in zip(optimizer.param_groups, fresh):
+            changed = [k for k in ("initial_lr", "weight_decay", "betas", "eps") if k in hp and hp[k] != group.get(k)]
+            if changed:
+                print0(f"resume: optimizer group {hp.get('name')}: using this run's {', '.join(changed)} "
+                       f"instead of the checkpoint's")
+            group.update(hp)
         del optim_state
 
     # Weight EMA (fp32, on the device): updated after every optimizer step, used by every evaluation.
@@ -555,7 +569,8 @@ def main():
         train_elapsed = 0.0  # all step time, compile included: what --time-budget-sec spends
     first_step = step
     compile_sec = None
-    peak_step_mem = []
+    peak_step_mem = 0.0  # MiB, the largest per-step peak of this process
+    run_step_time, timed_steps = 0.0, 0  # this process's steps after its first: steady tok/s and ETA
     metrics = open(args.metrics_file, "a", encoding="utf-8") if (args.metrics_file and master) else None
 
     def log_metrics(record: dict) -> None:
@@ -815,8 +830,10 @@ def main():
             compile_sec = dt
         else:
             total_training_time += dt
+            run_step_time += dt
+            timed_steps += 1
         step_mem = max(max_memory(), mem_probe.step_peak()) / 2**20
-        peak_step_mem.append(step_mem)
+        peak_step_mem = max(peak_step_mem, step_mem)
         mem = f" | mem {step_mem:,.0f}MiB" if device_type == "cuda" else ""
         smooth_loss = 0.9 * smooth_loss + 0.1 * train_loss
         debiased = smooth_loss / (1 - 0.9 ** (step + 1))
@@ -828,11 +845,10 @@ def main():
         mfu_value = 100 * step_flops * tok_per_sec / (peak_flops * world_size) if peak_flops else None
         mfu = f" | mfu {mfu_value:.1f}%" if mfu_value is not None else ""
         active = f" | active {model_config.n_layer - active_start}/{model_config.n_layer}" if dyn else ""
-        done = step - first_step
         if time_budget:
             eta = f"{max(0.0, time_budget - train_elapsed) / 60:.1f}m of budget"
         else:
-            eta = f"{(num_iterations - step - 1) * total_training_time / done / 60:.1f}m" if done > 0 else "-"
+            eta = f"{(num_iterations - step - 1) * run_step_time / timed_steps / 60:.1f}m" if timed_steps else "-"
         horizon = "" if time_budget and args.num_iterations <= 0 else f"/{num_iterations}"
         print0(f"step {step:05d}{horizon} | loss {debiased:.4f} | lrm {lrm:.2f} | dt {dt * 1000:.1f}ms | "
                f"tok/s {tok_per_sec:,.0f}{mfu}{mem}{active} | eta {eta}")
@@ -858,15 +874,14 @@ def main():
 
     # -----------------------------------------------------------------------------
     # Summary
-    steady = step - first_step - 1
-    steady_tok = steady * total_batch_size / total_training_time if total_training_time > 0 else float("nan")
-    peak_mem = f"{max(peak_step_mem or [0]):,.0f}MiB" if device_type == "cuda" else "n/a (cpu)"
-    print0(f"done: {step - first_step} steps | training time {total_training_time:.1f}s excluding first step "
+    steady_tok = timed_steps * total_batch_size / run_step_time if run_step_time > 0 else float("nan")
+    peak_mem = f"{peak_step_mem:,.0f}MiB" if device_type == "cuda" else "n/a (cpu)"
+    print0(f"done: {step - first_step} steps | training time {run_step_time:.1f}s excluding first step "
            f"({compile_sec or 0:.1f}s incl. compile) | steady tok/s {steady_tok:,.0f} | peak memory {peak_mem} | "
            f"min val bpb " + (f"{min_val_bpb:.4f}" if math.isfinite(min_val_bpb) else "n/a (no eval)"))
     summary = {"kind": "summary", "steps": step, "steps_this_run": step - first_step, "train_elapsed": train_elapsed,
                "first_step_sec": compile_sec, "steady_tok_per_sec": steady_tok,
-               "peak_mib": max(peak_step_mem) if (peak_step_mem and device_type == "cuda") else None,
+               "peak_mib": peak_step_mem if device_type == "cuda" else None,
                "final_val_bpb": val_bpb, "min_val_bpb": min_val_bpb if math.isfinite(min_val_bpb) else None,
                "final_loss_ema": smooth_loss / (1 - 0.9 ** step) if step > 0 else None,
                "tokens": step * total_batch_size, "schedule": args.block_update_schedule}

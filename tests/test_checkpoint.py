@@ -12,7 +12,8 @@ import torch
 
 from nanochat import checkpoint as ck
 from nanochat.checkpoint import (CheckpointError, check_state_dict_keys, diff_model_config, find_complete_steps,
-                                 latest_complete_step, load_checkpoint, resolve_resume_step, save_checkpoint)
+                                 latest_complete_step, load_checkpoint, resolve_resume_step, save_checkpoint,
+                                 set_aside_newer)
 
 
 def _model_state(seed=0):
@@ -389,3 +390,21 @@ def test_check_state_dict_keys_depth_change():
 def test_step_dir_name():
     assert os.path.basename(ck.step_dir("x", 42)) == "step_000042"
     assert os.path.basename(ck.step_dir("x", 1234567)) == "step_1234567"
+
+
+def test_resuming_from_an_earlier_step_sets_the_later_checkpoints_aside(tmp_path):
+    """After a rewind, retention and "latest" must see the resumed run's checkpoints, not the
+    abandoned run's later ones; those are kept (renamed), never deleted."""
+    d = tmp_path / "ckpt"
+    for s in (200, 400, 600, 800):
+        _save(d, s)
+    moved = set_aside_newer(d, 400)
+    assert find_complete_steps(d) == [200, 400]
+    assert sorted(os.path.basename(p) for p in moved) == ["abandoned_step_000600", "abandoned_step_000800"]
+    _save(d, 500, keep_last_k=2)
+    _save(d, 600, keep_last_k=2)
+    assert find_complete_steps(d) == [500, 600]
+    assert resolve_resume_step(d, "latest") == 600
+    assert os.path.isdir(d / "abandoned_step_000800")
+    # A second rewind past an already abandoned step keeps both copies.
+    assert os.path.basename(set_aside_newer(d, 500)[0]) == "abandoned_step_000600.1"
