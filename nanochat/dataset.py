@@ -396,6 +396,10 @@ def build_embedded_sample(src_dir: str, dst_dir: str = SAMPLE_DIR,
     """
     train = _sample_docs(split_files("train", src_dir), train_raw_bytes, seed=0)
     val = _sample_docs(split_files("val", src_dir), val_raw_bytes, seed=1)
+    # The source corpus repeats a few book chunks across its own train and val shards: drop those
+    # from val so that no validation document was also trained on.
+    seen = set(train)
+    val = [doc for doc in val if doc not in seen]
     if not train or not val:
         raise DataError(f"{src_dir}: not enough text to build the sample")
     os.makedirs(dst_dir, exist_ok=True)

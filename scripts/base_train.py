@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-seq-len", type=int, default=2048, help="context length in tokens")
     g.add_argument("--window-pattern", type=str, default="L",
                    help="sliding-window pattern tiled over layers: L = full context, S = half context (e.g. SSSL); the last layer is always L")
-    g = p.add_argument_group("training horizon (the first one set wins)")
+    g = p.add_argument_group("training horizon (precedence: --num-iterations, then --time-budget-sec, --target-flops, --target-param-data-ratio; with a time budget, --num-iterations only caps)")
     g.add_argument("--num-iterations", type=int, default=-1, help="explicit number of optimizer steps (-1 = disabled)")
     g.add_argument("--target-flops", type=float, default=-1.0, help="derive num_iterations to reach this many training FLOPs (-1 = disabled)")
     g.add_argument("--target-param-data-ratio", type=float, default=10.5,
@@ -244,6 +244,8 @@ def validate_args(args: argparse.Namespace) -> list[str]:
         need(not changed, f"{', '.join(changed)} only apply with --block-update-schedule=dynamic_suffix")
     need(args.muon_stack_chunk_size >= 0, f"--muon-stack-chunk-size={args.muon_stack_chunk_size} must be >= 0 (0 = no chunking)")
     need(args.lm_ce_chunk_size >= 1, f"--lm-ce-chunk-size={args.lm_ce_chunk_size} must be >= 1")
+    need(args.lm_ce_backend == "chunked" or args.lm_ce_chunk_size == build_parser().get_default("lm_ce_chunk_size"),
+         f"--lm-ce-chunk-size={args.lm_ce_chunk_size} only applies with --lm-ce-backend=chunked")
     need(args.eval_every == -1 or args.eval_every >= 1, f"--eval-every={args.eval_every} must be >= 1 or -1 (disabled)")
     need(args.eval_tokens >= 1, f"--eval-tokens={args.eval_tokens} must be >= 1")
     need(args.core_metric_every == -1 or args.core_metric_every >= 1,
