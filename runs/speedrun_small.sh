@@ -133,10 +133,17 @@ if [[ "$DRY_RUN" == 1 ]]; then exit 0; fi
 BASE_DIR=$("$PY" -c "from nanochat.common import get_base_dir; print(get_base_dir())")
 if [[ "$PREPARE_DATA" == 1 || ( "$PREPARE_DATA" == auto && -z "$(ls "$BASE_DIR"/base_data/*.parquet 2>/dev/null)" ) ]]; then
   echo "speedrun_small.sh: downloading $NUM_SHARDS $DATASET shards (falls back to the embedded sample when offline)"
-  "$PY" -m nanochat.dataset -n "$NUM_SHARDS" --dataset "$DATASET" || echo "speedrun_small.sh: download failed; training will use the embedded sample"
+  "$PY" -m nanochat.dataset -n "$NUM_SHARDS" --dataset "$DATASET" \
+    || echo "speedrun_small.sh: download failed; training uses the shards present in $BASE_DIR/base_data, or the embedded sample if there are none"
 fi
 if [[ "$PREPARE_DATA" == 1 || ( "$PREPARE_DATA" == auto && ! -f "$BASE_DIR/tokenizer/tokenizer.json" ) ]]; then
   "$PY" -m scripts.tok_train --vocab-size="$TOK_VOCAB_SIZE" --max-chars="$TOK_MAX_CHARS"
+else
+  have_vocab=$("$PY" -c "from nanochat.tokenizer import get_tokenizer; print(get_tokenizer().get_vocab_size())" 2>/dev/null || echo "?")
+  echo "speedrun_small.sh: using the existing tokenizer in $BASE_DIR/tokenizer (vocab $have_vocab); PREPARE_DATA=1 retrains it"
+  if [[ "$have_vocab" != "$TOK_VOCAB_SIZE" ]]; then
+    echo "speedrun_small.sh: WARNING: that tokenizer has vocab $have_vocab, this config asks for $TOK_VOCAB_SIZE (e.g. trained by a CPU smoke run on the embedded sample)"
+  fi
 fi
 
 # ---------------------------------------------------------------------------- train
