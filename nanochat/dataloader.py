@@ -26,6 +26,8 @@ from typing import Iterator
 
 import torch
 
+from nanochat.common import print0
+
 from nanochat.dataset import DataError, open_shard, read_row_group_texts, resolve_data_dir, split_files
 
 STATE_KEYS = ("epoch", "shard_idx", "rg_idx", "row_offset", "rank", "world_size", "seq_len")
@@ -338,3 +340,23 @@ def train_resume_state(saved: list, rank: int, world_size: int, grad_accum_steps
                          f"order resumes exactly")
     ids = stream_ids(rank, world_size, grad_accum_steps)
     return {"num_streams": num_streams, "stream_ids": ids, "streams": [by_id.get(j) for j in ids], "next": 0}
+
+
+def build_eval_loader(tokenizer, batch_size: int, seq_len: int, split: str = "val", device="cpu", rank: int = 0,
+                      world_size: int = 1, data_dir: str | None = None
+                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
+    """Evaluation batches that do not depend on the world size: every rank reads the split as one
+    stream and keeps batches rank, rank + W, rank + 2W, ..., so the first n * W batches over all
+    ranks are exactly the first n * W batches one process reads and val bpb is measured on the
+    same tokens however many ranks there are. (Each rank tokenizes the whole stream; the val
+    shard is small.) Warns once if the evaluation wraps around the split, i.e. counts rows twice."""
+    stream = build_loader(tokenizer, batch_size, seq_len, split, device=device, rank=0, world_size=1,
+                          data_dir=data_dir)
+    warned = False
+    for i, (x, y, state) in enumerate(stream):
+        if state.get("epoch", 0) > 0 and not warned:
+            warned = True
+            print0(f"WARNING: evaluation wrapped around the {split} split after {i} batches: rows are counted "
+                   f"more than once; lower --eval-tokens to at most {i * batch_size * seq_len:,}")
+        if i % world_size == rank:
+            yield x, y, state

@@ -11,7 +11,7 @@ ARMS=${ARMS:-"full_update:"}
 STEPS=${STEPS:-520}
 OUT_DIR=${OUT_DIR:-results/anchor}
 ANCHOR=${ANCHOR:-"--depth=12 --window-pattern=L --max-seq-len=1024 --device-batch-size=32 --total-batch-size=32768"}
-EVAL=${EVAL:-"--eval-every=260 --eval-tokens=1048576"}
+EVAL=${EVAL:-"--eval-every=260 --eval-tokens=524288"}
 mkdir -p "$OUT_DIR"
 BASE_DIR=$(python -c "from nanochat.common import get_base_dir; print(get_base_dir())")
 if [[ ! -f "$BASE_DIR/tokenizer/tokenizer.json" ]]; then

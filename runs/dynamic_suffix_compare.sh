@@ -139,7 +139,7 @@ fi
 has_gpu=0
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then has_gpu=1; fi
 if [[ "$has_gpu" == 1 && -z "${EVAL_TOKENS:-}" ]]; then
-  export EVAL_TOKENS=1048576  # val bpb on >= 500k tokens for quality claims (GUIDE section 7)
+  export EVAL_TOKENS=524288  # val bpb on >= 500k tokens for quality claims (GUIDE section 7), within one pass of the corpus val split
 fi
 if [[ "$has_gpu" == 1 ]] && (( EVAL_TOKENS < 524288 )); then
   say "WARNING: EVAL_TOKENS=$EVAL_TOKENS < 524288: too few validation tokens for a quality claim"

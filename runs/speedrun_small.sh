@@ -54,7 +54,7 @@ NPROC_PER_NODE=${NPROC_PER_NODE:-1}
 is_int "$NPROC_PER_NODE" && (( NPROC_PER_NODE >= 1 )) || die "NPROC_PER_NODE=$NPROC_PER_NODE must be an integer >= 1"
 if [[ "$has_gpu" == 1 ]]; then
   : "${DEPTH:=12}" "${MAX_SEQ_LEN:=1024}" "${DEVICE_BATCH_SIZE:=32}" "${TOTAL_BATCH_SIZE:=32768}"
-  : "${NUM_ITERATIONS:=520}" "${EVAL_EVERY:=100}" "${EVAL_TOKENS:=1048576}" "${WINDOW_PATTERN:=L}"
+  : "${NUM_ITERATIONS:=520}" "${EVAL_EVERY:=100}" "${EVAL_TOKENS:=524288}" "${WINDOW_PATTERN:=L}"
   DEVICE_ARGS=()
 else
   # CPU: a config that trains visibly in a few minutes on 2 cores.

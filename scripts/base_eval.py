@@ -84,11 +84,11 @@ def main(argv=None):
     result = {"model_dir": meta["model_dir"], "step": meta["step"], "weights": weights, "device": str(device)}
 
     if "bpb" in evals:
-        from nanochat.dataloader import build_loader  # noqa: PLC0415
+        from nanochat.dataloader import build_eval_loader  # noqa: PLC0415
         from nanochat.evaluation import evaluate_bpb  # noqa: PLC0415
         steps = max(1, args.eval_tokens // (args.device_batch_size * seq_len * world_size))
-        loader = build_loader(tokenizer, args.device_batch_size, seq_len, "val", device=device,
-                              rank=rank, world_size=world_size)
+        loader = build_eval_loader(tokenizer, args.device_batch_size, seq_len, "val", device=device,
+                                   rank=rank, world_size=world_size)
         t0 = time.time()
         with eval_mode(model):
             bpb = evaluate_bpb(model, loader, steps, get_token_bytes(device=device), autocast_ctx)

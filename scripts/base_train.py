@@ -36,7 +36,7 @@ from nanochat.cli import fail
 from nanochat.common import (UsageError, autodetect_device_type, compute_cleanup, compute_init,
                              get_base_dir, get_dist_info, get_peak_flops, init_wandb, print0, run_provenance)
 from nanochat.core_eval import BundleError, ensure_eval_bundle, evaluate_core, load_bundle
-from nanochat.dataloader import build_loader, build_train_loader, train_resume_state
+from nanochat.dataloader import build_eval_loader, build_train_loader, train_resume_state
 from nanochat.debug import (GracefulStop, LossSpikeDetector, NonFiniteGuard, PhaseMemory, any_rank,
                             fault_injection_from_env, format_names, nonfinite_tensors)
 from nanochat.dynamic_suffix import DynamicSuffixConfig, DynamicSuffixController
@@ -673,8 +673,8 @@ def main():
         # --- evaluation: full model (active_start=0), FP8 off, EMA weights when --ema-decay is set,
         # so the numbers are comparable across runs and schedules ---------------------
         if args.eval_every > 0 and (last_step or step % args.eval_every == 0):
-            val_loader = build_loader(tokenizer, args.device_batch_size, args.max_seq_len, "val", device=device,
-                                      rank=rank, world_size=world_size)
+            val_loader = build_eval_loader(tokenizer, args.device_batch_size, args.max_seq_len, "val", device=device,
+                                           rank=rank, world_size=world_size)
             t_eval = time.time()
             with eval_mode(model, ema):
                 val_bpb = evaluate_bpb(model, val_loader, eval_steps, token_bytes, autocast_ctx)

@@ -113,3 +113,13 @@ def test_bad_arguments(tok, small_dir):
     with pytest.raises(ValueError, match="seq_len=32"):
         state = next(build_loader(tok, B, 32, "train", data_dir=small_dir))[2]
         build_loader(tok, B, T, "train", data_dir=small_dir, resume_state=state)
+
+
+def test_eval_loader_rows_do_not_depend_on_world_size(tok):
+    """Over W ranks the eval loader yields exactly the batches one process reads (interleaved)."""
+    from nanochat.dataloader import build_eval_loader
+    one = [x for x, _, _ in itertools.islice(build_eval_loader(tok, 2, 32, "val"), 6)]
+    r0 = [x for x, _, _ in itertools.islice(build_eval_loader(tok, 2, 32, "val", rank=0, world_size=2), 3)]
+    r1 = [x for x, _, _ in itertools.islice(build_eval_loader(tok, 2, 32, "val", rank=1, world_size=2), 3)]
+    for i in range(3):
+        assert torch.equal(one[2 * i], r0[i]) and torch.equal(one[2 * i + 1], r1[i])
