@@ -391,6 +391,15 @@ def safe_torch_load(path: str | os.PathLike, device: torch.device | str = "cpu")
         raise CheckpointError(f"corrupt or truncated checkpoint file {path}: {detail}") from None
 
 
+def _read_json(path: str):
+    """A checkpoint's JSON file, or a CheckpointError naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"corrupt checkpoint file {path}: {type(e).__name__}: {e}") from None
+
+
 def load_checkpoint(checkpoint_dir: str | os.PathLike, step: int, device: torch.device | str,
                     load_optimizer: bool = True, rank: int = 0, world_size: int | None = None):
     """Load complete checkpoint `step` -> (model_state, optimizer_state or None, meta).
@@ -404,18 +413,8 @@ def load_checkpoint(checkpoint_dir: str | os.PathLike, step: int, device: torch.
     if not _is_complete(d):
         raise CheckpointError(f"no complete checkpoint for step {step} in {checkpoint_dir}; "
                               f"available complete steps: {_available(checkpoint_dir)}")
-    meta_path = os.path.join(d, META_FILE)
-    try:
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"corrupt checkpoint file {meta_path}: {type(e).__name__}: {e}") from None
-    done_path = os.path.join(d, DONE_FILE)
-    try:
-        with open(done_path, encoding="utf-8") as f:
-            done = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"corrupt checkpoint file {done_path}: {type(e).__name__}: {e}") from None
+    meta = _read_json(os.path.join(d, META_FILE))
+    done = _read_json(os.path.join(d, DONE_FILE))
     saved_ws = done.get("world_size")
     model_state = safe_torch_load(os.path.join(d, MODEL_FILE), device)
     optimizer_state = None
