@@ -20,8 +20,10 @@ Why this design:
 from __future__ import annotations
 
 import bisect
+import multiprocessing as mp
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from queue import Empty
 from typing import Iterator
 
 import torch
@@ -85,6 +87,35 @@ def _validate_state(state: dict, rank: int, world_size: int, seq_len: int) -> di
         raise ValueError(f"resume_state was saved with seq_len={state['seq_len']}, this loader has "
                          f"seq_len={seq_len}; rows would not line up, so resume is not exact")
     return state
+
+
+class _DeviceCopier:
+    """Host (B, T) int64 batches -> `device`. On CUDA through two pinned buffers, each with an
+    event, so the copy is asynchronous and a buffer is never overwritten before its copy is done."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.slots: list = []
+        self.step = 0
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.device.type != "cuda":
+            return x.contiguous().to(self.device), y.contiguous().to(self.device)
+        if len(self.slots) < 2:
+            self.slots.append((torch.empty(x.shape, dtype=x.dtype, pin_memory=True),
+                               torch.empty(y.shape, dtype=y.dtype, pin_memory=True), None))
+        i = self.step % 2
+        x_buf, y_buf, event = self.slots[i]
+        if event is not None:
+            event.synchronize()
+        x_buf.copy_(x)
+        y_buf.copy_(y)
+        out = x_buf.to(self.device, non_blocking=True), y_buf.to(self.device, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        self.slots[i] = (x_buf, y_buf, event)
+        self.step += 1
+        return out
 
 
 def build_loader(tokenizer, batch_size: int, seq_len: int, split: str, device="cpu", rank: int = 0,
@@ -157,8 +188,6 @@ def build_loader(tokenizer, batch_size: int, seq_len: int, split: str, device="c
             return torch.empty((0, seq_len + 1), dtype=torch.int64)
         return torch.tensor(rows, dtype=torch.int64)
 
-    use_cuda = torch.device(device).type == "cuda"
-
     def generate():
         pos_iter = positions(resume_state)
         skip = resume_state["row_offset"] if resume_state else 0
@@ -175,15 +204,7 @@ def build_loader(tokenizer, batch_size: int, seq_len: int, split: str, device="c
             pos, fut = pending.popleft()
             return pos, fut.result()
 
-        # Pinned host buffers and an event per slot: the host must not overwrite a buffer whose
-        # async copy to the GPU has not finished yet.
-        slots = []
-        if use_cuda:
-            for _ in range(2):
-                slots.append((torch.empty((batch_size, seq_len), dtype=torch.int64, pin_memory=True),
-                              torch.empty((batch_size, seq_len), dtype=torch.int64, pin_memory=True),
-                              None))
-        step = 0
+        to_device = _DeviceCopier(device)
         try:
             batch_rows: list[torch.Tensor] = []
             n_in_batch = 0
@@ -210,21 +231,7 @@ def build_loader(tokenizer, batch_size: int, seq_len: int, split: str, device="c
                     batch_rows, n_in_batch = [], 0
                     state = {"epoch": pos[0], "shard_idx": pos[1], "rg_idx": pos[2], "row_offset": start,
                              "rank": rank, "world_size": world_size, "seq_len": seq_len}
-                    if use_cuda:
-                        x_buf, y_buf, event = slots[step % 2]
-                        if event is not None:
-                            event.synchronize()
-                        x_buf.copy_(batch[:, :-1])
-                        y_buf.copy_(batch[:, 1:])
-                        x = x_buf.to(device, non_blocking=True)
-                        y = y_buf.to(device, non_blocking=True)
-                        event = torch.cuda.Event()
-                        event.record(torch.cuda.current_stream(torch.device(device)))
-                        slots[step % 2] = (x_buf, y_buf, event)
-                    else:
-                        x = batch[:, :-1].contiguous().to(device)
-                        y = batch[:, 1:].contiguous().to(device)
-                    step += 1
+                    x, y = to_device(batch[:, :-1], batch[:, 1:])
                     yield x, y, state
         finally:
             if executor is not None:
@@ -246,8 +253,16 @@ def stream_ids(rank: int, world_size: int, grad_accum_steps: int) -> list[int]:
 
 def build_train_loader(tokenizer, batch_size: int, seq_len: int, split: str = "train", device="cpu", rank: int = 0,
                        world_size: int = 1, grad_accum_steps: int = 1, resume_state: dict | None = None,
-                       data_dir: str | None = None, **kwargs) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
+                       data_dir: str | None = None, worker_process: bool = False, queue_batches: int = 16,
+                       **kwargs) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
     """The trainer's loader: infinite (inputs, targets, state) micro-batches for this rank.
+
+    `worker_process=True` reads, tokenizes and packs in a separate (spawned) process that keeps
+    up to `queue_batches` micro-batches ready; this process only copies them to the device. Use it
+    when a GPU is being fed: done in a thread of the training process, the Python half of that
+    work (list building, packing) competes for the GIL with the thread that launches the kernels,
+    and on an H100 at the d12 anchor config that made every ~20th step 100-300 ms instead of 72 ms
+    (11 % of the throughput). The batches and states are exactly those of the in-process loader.
 
     The split is read as D = world_size * grad_accum_steps streams, stream j being what
     `build_loader(rank=j, world_size=D)` yields (row groups round-robin, so streams are
@@ -266,6 +281,10 @@ def build_train_loader(tokenizer, batch_size: int, seq_len: int, split: str = "t
         raise ValueError(f"grad_accum_steps must be a positive int, got {grad_accum_steps!r}")
     if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank!r} world_size={world_size!r}")
+    if worker_process:
+        return _process_loader(dict(tokenizer=tokenizer, batch_size=batch_size, seq_len=seq_len, split=split,
+                                    rank=rank, world_size=world_size, grad_accum_steps=grad_accum_steps,
+                                    resume_state=resume_state, data_dir=data_dir, **kwargs), device, queue_batches)
     num_streams = world_size * grad_accum_steps
     ids = stream_ids(rank, world_size, grad_accum_steps)
     subs: list = [None] * grad_accum_steps
@@ -301,6 +320,49 @@ def build_train_loader(tokenizer, batch_size: int, seq_len: int, split: str = "t
             x, y, states[k] = next(loaders[k])
             k = (k + 1) % grad_accum_steps
             yield x, y, {"num_streams": num_streams, "stream_ids": list(ids), "streams": list(states), "next": k}
+
+    return generate()
+
+
+def _loader_process_main(queue, loader_kwargs: dict) -> None:
+    """Body of the loader process: the in-process train loader on the CPU, batch by batch into
+    `queue` (blocking when it is full); an exception is sent as one line and ends the process."""
+    try:
+        for x, y, state in build_train_loader(device="cpu", **loader_kwargs):
+            queue.put((x.numpy(), y.numpy(), state))
+    except KeyboardInterrupt:
+        pass
+    except Exception as e:  # noqa: BLE001 (reported to the training process, which raises it)
+        queue.put(f"{type(e).__name__}: {e}")
+
+
+def _process_loader(loader_kwargs: dict, device, queue_batches: int):
+    # Validate in this process first (cheap: the generators are lazy), so a bad argument or a
+    # missing split raises here with its own type and message instead of from the worker.
+    build_train_loader(device="cpu", **loader_kwargs)
+    ctx = mp.get_context("spawn")  # fork is unsafe here: CUDA and pyarrow/tokenizer threads exist
+    queue = ctx.Queue(maxsize=max(1, queue_batches))
+    proc = ctx.Process(target=_loader_process_main, args=(queue, loader_kwargs), daemon=True,
+                       name="nanochat-train-loader")
+    proc.start()
+    to_device = _DeviceCopier(device)
+
+    def generate():
+        try:
+            while True:
+                try:
+                    item = queue.get(timeout=10)
+                except Empty:
+                    if not proc.is_alive():
+                        raise DataError(f"the data loader process died (exit code {proc.exitcode})") from None
+                    continue
+                if isinstance(item, str):
+                    raise DataError(f"data loader process: {item}")
+                x, y, state = item
+                yield (*to_device(torch.from_numpy(x), torch.from_numpy(y)), state)
+        finally:
+            proc.terminate()
+            proc.join(timeout=5)
 
     return generate()
 

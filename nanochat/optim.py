@@ -17,10 +17,22 @@ coordinates where the update and the weight agree in sign). Two knobs shape the 
   the compiled orthogonaliser marks the stack dimension dynamic instead; either way the number of
   active blocks can change every step without recompiling.
 
-In a torchrun job the optimizer all-reduces (averages) the existing gradients once per step, so
-gradient accumulation needs no communication until the end. `reduce_grads()` does it early for
-a caller that must read the averaged gradients (the dynamic-suffix relevance measurement), then
-`step(reduce_grads=False)`.
+Under torchrun (world size W > 1) the optimizer state is **sharded** (ZeRO-2 style, as nanochat's
+distributed optimizers do): every rank stores and computes only what it owns, and the gradient
+averaging is folded into the sharding, so the bytes on the wire equal one all-reduce:
+
+* AdamW matrices (embedding, lm_head) own row slices: reduce-scatter the gradient, update the
+  rank's rows with the rank's slice of the moments, all-gather the rows.
+* Muon matrix i of a group belongs to rank i % W, fixed for the whole run (a dynamic-suffix step
+  trains a varying subset, and a matrix's momentum must stay where it lives). The active matrices
+  are reduce-scattered to their owners (padded so every rank receives the same count), each rank
+  orthogonalises only its own, and the new weights are all-gathered.
+* Tiny tensors (the per-layer scalars) are all-reduced and updated on every rank.
+
+The update of each matrix depends only on its own gradient and state, so sharded results equal the
+single-process ones (tested with 2 gloo ranks). `reduce_grads()` all-reduces every gradient early
+for a caller that must read the averaged gradients first (the dynamic-suffix relevance); the next
+`step(reduce_grads=False)` then takes its shards from the averaged gradients without communicating.
 """
 from __future__ import annotations
 
@@ -37,6 +49,10 @@ _POLAR_EXPRESS_COEFFS = (
     (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
     (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
 )
+
+# AdamW tensors smaller than this (per rank) are replicated instead of sharded: for the per-layer
+# scalars a collective each would cost more than the update itself.
+_MIN_SHARD_NUMEL = 1024
 
 
 def orthogonalize(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
@@ -57,10 +73,58 @@ def orthogonalize(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
     return X
 
 
+class _Comm:
+    """The few collectives the sharded step needs, with the same semantics on NCCL and gloo (gloo
+    has no reduce-scatter, AVG or all-gather-into-tensor: it gets all-reduce + slice and a list
+    all-gather, the same numbers with more traffic; it only serves CPU tests)."""
+
+    def __init__(self):
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.nccl = dist.get_backend() == "nccl"
+
+    def all_reduce_avg(self, t: torch.Tensor) -> None:
+        if self.nccl:
+            dist.all_reduce(t, op=dist.ReduceOp.AVG)
+        else:
+            dist.all_reduce(t)
+            t /= self.world
+
+    def reduce_scatter_avg(self, full: torch.Tensor) -> torch.Tensor:
+        """full: (W * n, ...) with rank q's part at rows [q*n, (q+1)*n) -> this rank's part, averaged."""
+        n = full.size(0) // self.world
+        if self.nccl:
+            out = full.new_empty((n, *full.shape[1:]))
+            dist.reduce_scatter_tensor(out, full.contiguous(), op=dist.ReduceOp.AVG)
+            return out
+        full = full.clone()
+        self.all_reduce_avg(full)
+        return full[self.rank * n:(self.rank + 1) * n]
+
+    def all_gather_rows(self, full: torch.Tensor) -> None:
+        """full: (W * n, ...), this rank's rows already filled in; fills in every other rank's rows
+        in place (NCCL all-gathers in place when the input is the rank's own slice of the output)."""
+        n = full.size(0) // self.world
+        mine = full[self.rank * n:(self.rank + 1) * n]
+        if self.nccl:
+            dist.all_gather_into_tensor(full, mine)
+            return
+        parts = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(parts, mine.contiguous())
+        full.copy_(torch.cat(parts))
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 class MuonAdamW(torch.optim.Optimizer):
     """param_groups carry `kind` = 'adamw' (lr, betas, eps, weight_decay) or 'muon' (lr,
     momentum, weight_decay). The trainer sets `lr` every step from `initial_lr` times its LR
-    schedule, and Muon's `momentum` from its warmup; weight decay is constant (applied times lr)."""
+    schedule, and Muon's `momentum` from its warmup; weight decay is constant (applied times lr).
+
+    Every rank must build the groups with the same parameters in the same order, and in every
+    step the same parameters must have gradients on every rank (the dynamic-suffix trainer checks
+    that the ranks agree on the trained suffix)."""
 
     def __init__(self, groups: list[dict], *, active_only_stack: bool = True, stack_chunk_size: int = 0,
                  compile_orthogonalize: bool = False, compile_backend="inductor", fused_adamw: bool | None = None):
@@ -82,70 +146,143 @@ class MuonAdamW(torch.optim.Optimizer):
         self._ortho = torch.compile(orthogonalize, dynamic=False, backend=compile_backend) if compile_orthogonalize \
             else orthogonalize
         self._fused_adamw = fused_adamw
+        self._skip = None  # this step's device-side skip flag (see step)
 
     # ----------------------------------------------------------------- step
     @torch.no_grad()
-    def step(self, reduce_grads: bool = True):
+    def step(self, reduce_grads: bool = True, skip_if: torch.Tensor | None = None):
         """One update. `reduce_grads=False` when the caller already called `reduce_grads()` this
-        step (to read the averaged gradients first), so they are not reduced twice."""
-        if reduce_grads:
-            self.reduce_grads()
-        for group in self.param_groups:
-            if group["kind"] == "adamw":
-                self._adamw_step(group)
-            else:
-                self._muon_step(group)
+        step (to read the averaged gradients first), so they are not reduced twice.
+
+        `skip_if`: a 0-dim bool tensor on the parameters' device; where it is True the step is a
+        no-op: weights, moments, momenta and step counts stay exactly as they were, even if the
+        gradients hold NaN/Inf. On CUDA this is decided on the device (fused AdamW's `found_inf`,
+        a masked Muon update), so the trainer need not wait for the loss before queueing the
+        step: that host sync left the GPU idle while the optimizer was being launched. Without
+        fused AdamW (the CPU default) the flag is read on the host instead."""
+        self._skip = None
+        if skip_if is not None:
+            if self._fused(skip_if.device):
+                self._skip = skip_if
+            elif bool(skip_if):
+                return
+        if not _distributed():
+            for group in self.param_groups:
+                if group["kind"] == "adamw":
+                    params = [p for p in group["params"] if p.grad is not None]
+                    self._adamw_update(group, params, [p.grad for p in params], [p for p in params])
+                else:
+                    active = [p for p in group["params"] if p.grad is not None]
+                    self._muon_update(group, group["params"], active, [p.grad for p in active])
+            return
+        self._sharded_step(_Comm(), reduce=reduce_grads)
+
+    def _fused(self, device: torch.device) -> bool:
+        return self._fused_adamw if self._fused_adamw is not None else device.type == "cuda"
 
     @torch.no_grad()
     def reduce_grads(self):
         """Average the existing gradients over all ranks in place (a no-op outside torchrun). Every
         rank must hold gradients for the same parameters: tensors are paired by position."""
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if not _distributed():
             return
+        comm = _Comm()
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         # One flat buffer per dtype: few large collectives instead of one per parameter.
         for dtype in sorted({g.dtype for g in grads}, key=str):  # the same order on every rank
             same = [g for g in grads if g.dtype == dtype]
             flat = torch.cat([g.reshape(-1) for g in same])
-            dist.all_reduce(flat, op=dist.ReduceOp.AVG if flat.is_cuda else dist.ReduceOp.SUM)
-            if not flat.is_cuda:  # gloo has no AVG
-                flat /= dist.get_world_size()
-            offset = 0
-            for g in same:
-                n = g.numel()
-                g.copy_(flat[offset:offset + n].view_as(g))
-                offset += n
+            comm.all_reduce_avg(flat)
+            torch._foreach_copy_(same, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in same]), same)])
 
-    def _adamw_step(self, group):
-        params = [p for p in group["params"] if p.grad is not None]
+    # -------------------------------------------------------------- sharded
+    def _sharded_step(self, comm: _Comm, reduce: bool):
+        """Reduce-scatter (or, with `reduce=False`, slice the already averaged gradients), update
+        what this rank owns, all-gather the new weights. Collectives run in the same order on
+        every rank: groups in order, parameters in order."""
+        W, r = comm.world, comm.rank
+        small = []  # (group, params) updated on every rank from all-reduced gradients
+        for group in self.param_groups:
+            active = [p for p in group["params"] if p.grad is not None]
+            if not active:
+                continue
+            if group["kind"] == "adamw":
+                shard = [p for p in active if p.size(0) % W == 0 and p.numel() // W >= _MIN_SHARD_NUMEL]
+                rest = [p for p in active if all(p is not q for q in shard)]
+                if rest:
+                    small.append((group, rest))
+                for p in shard:
+                    rows = p.size(0) // W
+                    g = comm.reduce_scatter_avg(p.grad) if reduce else p.grad[r * rows:(r + 1) * rows]
+                    self._adamw_update(group, [p.data[r * rows:(r + 1) * rows]], [g], [p])
+                    comm.all_gather_rows(p.data)
+            else:
+                self._muon_sharded(group, active, comm, reduce)
+        if small:
+            if reduce:  # one all-reduce for all of them
+                grads = [p.grad for _, ps in small for p in ps]
+                flat = torch.cat([g.reshape(-1) for g in grads])
+                comm.all_reduce_avg(flat)
+                torch._foreach_copy_(grads, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)])
+            for group, ps in small:
+                self._adamw_update(group, ps, [p.grad for p in ps], ps)
+
+    def _muon_sharded(self, group, active: list, comm: _Comm, reduce: bool):
+        W, r = comm.world, comm.rank
+        index = {id(p): i for i, p in enumerate(group["params"])}
+        owned_by = [[p for p in active if index[id(p)] % W == q] for q in range(W)]
+        k = max(len(ps) for ps in owned_by)  # rows per rank, zero-padded
+        mine = owned_by[r]
+        if reduce:
+            zeros = torch.zeros_like(active[0].grad)
+            rows = [g for q in range(W) for g in [p.grad for p in owned_by[q]] + [zeros] * (k - len(owned_by[q]))]
+            grads = list(comm.reduce_scatter_avg(torch.stack(rows))[:len(mine)].unbind(0))
+        else:
+            grads = [p.grad for p in mine]
+        owned_all = [p for i, p in enumerate(group["params"]) if i % W == r]
+        new = self._muon_update(group, owned_all, mine, grads, write_back=False)
+        full = active[0].new_zeros((W * k, *active[0].shape))
+        if new is not None:
+            full[r * k:r * k + len(mine)] = new
+        comm.all_gather_rows(full)
+        params = [p for q in range(W) for p in owned_by[q]]
+        values = [full[q * k + j] for q in range(W) for j in range(len(owned_by[q]))]
+        torch._foreach_copy_(params, values)
+
+    # -------------------------------------------------------------- updates
+    def _adamw_update(self, group, params: list, grads: list, keys: list):
+        """AdamW on `params` (whole parameters or this rank's row slice of them) with `grads`;
+        `keys` are the nn.Parameters whose state entries hold the moments (slice-shaped when sharded)."""
         if not params:
             return
         device = params[0].device
-        grads, exp_avgs, exp_avg_sqs, steps = [], [], [], []
-        for p in params:
-            state = self.state[p]
+        exp_avgs, exp_avg_sqs, steps = [], [], []
+        for p, key in zip(params, keys):
+            state = self.state[key]
             if not state:
                 state["step"] = torch.zeros((), dtype=torch.float32, device=device)
                 state["exp_avg"] = torch.zeros_like(p)
                 state["exp_avg_sq"] = torch.zeros_like(p)
-            grads.append(p.grad)
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             steps.append(state["step"])
-        fused = self._fused_adamw if self._fused_adamw is not None else device.type == "cuda"
+        fused = self._fused(device)
         beta1, beta2 = group["betas"]
+        # found_inf (fused only): the kernel leaves everything untouched and undoes the step count.
+        found_inf = self._skip.float() if self._skip is not None else None
         adam_functional(
             params, grads, exp_avgs, exp_avg_sqs, [], steps,
             foreach=not fused, fused=fused, decoupled_weight_decay=True, amsgrad=False, beta1=beta1, beta2=beta2,
             lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
-            maximize=False, capturable=False, differentiable=False, grad_scale=None, found_inf=None,
+            maximize=False, capturable=False, differentiable=False, grad_scale=None, found_inf=found_inf,
         )
 
-    def _muon_step(self, group):
-        all_params = group["params"]
-        active = [p for p in all_params if p.grad is not None]
+    def _muon_update(self, group, all_params: list, active: list, grads: list, write_back: bool = True):
+        """Muon on the `active` matrices (a subset of `all_params`, which are the group's matrices
+        this rank owns) with their `grads`. Writes the new weights into the parameters, or with
+        `write_back=False` returns them as one (k, m, n) stack (None if nothing is active)."""
         if not active:
-            return
+            return None
         lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
         bufs = []
         for p in active:
@@ -153,9 +290,16 @@ class MuonAdamW(torch.optim.Optimizer):
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p)
             bufs.append(state["momentum_buffer"])
-        grads = [p.grad for p in active]
-        # Nesterov momentum: buf <- m*buf + (1-m)*g ; update direction = (1-m)*g + m*buf.
-        torch._foreach_lerp_(bufs, grads, 1 - momentum)
+        ok = None
+        if self._skip is not None:
+            # Device-side skip: zero the (possibly non-finite) gradients and make every change
+            # below a multiple of `ok`, so that a skipped step changes nothing at all.
+            ok = ~self._skip
+            grads = [torch.where(ok, g, 0.0) for g in grads]
+            torch._foreach_lerp_(bufs, grads, [(1 - momentum) * ok.to(b.dtype) for b in bufs])
+        else:
+            # Nesterov momentum: buf <- m*buf + (1-m)*g ; update direction = (1-m)*g + m*buf.
+            torch._foreach_lerp_(bufs, grads, 1 - momentum)
         directions = torch._foreach_lerp(grads, bufs, momentum)
 
         if self.active_only_stack:
@@ -173,12 +317,18 @@ class MuonAdamW(torch.optim.Optimizer):
         scale = max(1.0, m / n) ** 0.5
         update = ortho.to(active[0].dtype)
         weights = torch.stack(active)
+        if ok is not None:
+            update = update * ok.to(weights.dtype)
         if wd != 0.0:
-            # Cautious weight decay: only where the update and the weight have the same sign.
+            # Cautious weight decay: only where the update and the weight have the same sign (on a
+            # skipped step the update is zero, so nothing decays either).
             mask = (update * weights) > 0
             weights.sub_(weights * mask * (lr * wd))
         weights.sub_(update, alpha=lr * scale)
+        if not write_back:
+            return weights
         torch._foreach_copy_(active, list(weights.unbind(0)))
+        return None
 
     def _orthogonalize_stack(self, stack: torch.Tensor) -> torch.Tensor:
         K = self.stack_chunk_size

@@ -382,10 +382,10 @@ def main():
     resuming = args.resume_from_step != -1
     if resuming:
         try:
-            # MuonAdamW's state is replicated (every rank holds all of it), so one file serves every
-            # rank and a checkpoint resumes on any world size with the same data streams.
+            # Under torchrun MuonAdamW's state is sharded (each rank owns a part, nanochat/optim.py):
+            # every rank loads its own file, so a resume needs the world size that saved it.
             model_state, optim_state, meta = load_checkpoint(checkpoint_dir, args.resume_from_step, device,
-                                                             load_optimizer=True, rank=0)
+                                                             load_optimizer=True, rank=rank, world_size=world_size)
         except CheckpointError as e:
             fail([str(e)])
         model_state, saved_ema_state = split_ema_state(model_state)  # EMA tensors ride along in model.pt
@@ -528,6 +528,7 @@ def main():
     # because the batch already prefetched into (x, y) has not been used yet.
     # The split is read as world_size x grad_accum_steps streams, one batch of each per step, so a
     # step trains on the same rows at any world size (nanochat/dataloader.py, build_train_loader).
+    # On a GPU the reading and tokenizing run in a separate process, off this process's GIL.
     try:
         consumed_state = train_resume_state(meta["dataloader_states"], rank, world_size, grad_accum_steps) \
             if resuming else None
@@ -535,7 +536,7 @@ def main():
         fail([f"checkpoint {checkpoint_dir} step {args.resume_from_step}: {e}"])
     train_loader = build_train_loader(tokenizer, args.device_batch_size, args.max_seq_len, "train", device=device,
                                       rank=rank, world_size=world_size, grad_accum_steps=grad_accum_steps,
-                                      resume_state=consumed_state)
+                                      resume_state=consumed_state, worker_process=device_type == "cuda")
     x, y, loader_state = next(train_loader)
     eval_steps = max(1, args.eval_tokens // (args.device_batch_size * args.max_seq_len * world_size))
     # CORE eval bundle: rank 0 finds, converts or downloads it; a missing or malformed bundle skips
@@ -632,7 +633,7 @@ def main():
         model_state = model.state_dict()
         if ema:  # fp32 EMA tensors under their own key prefix (nanochat/ema.py)
             model_state = {**model_state, **ema.state_tensors()}
-        save_checkpoint(checkpoint_dir, step, model_state, optimizer.state_dict() if master else None,
+        save_checkpoint(checkpoint_dir, step, model_state, optimizer.state_dict(),
                         checkpoint_meta(gather_loader_states()),
                         rank=rank, world_size=world_size, barrier=barrier, keep_last_k=args.keep_last_k)
         print0(f"saved checkpoint step {step} to {checkpoint_dir}")
@@ -659,6 +660,28 @@ def main():
     if fault_inject:
         print0(f"fault injection: loss multipliers by step {fault_inject}")
     graceful = GracefulStop().install()  # SIGTERM/SIGINT: finish the step, save, exit 0
+
+    def bad_step(problem: str) -> None:
+        """A non-finite step never changes the weights: skip it (--skip-nonfinite-steps) or stop
+        with the last checkpoint intact (exit 1)."""
+        nonlocal train_elapsed, smooth_loss, step
+        if guard.on_bad_step():
+            model.zero_grad(set_to_none=True)
+            train_elapsed += time.time() - t0
+            if step > 0:  # feed the EMA its own debiased value, so the debiasing by step count stays exact
+                smooth_loss = 0.9 * smooth_loss + 0.1 * smooth_loss / (1 - 0.9 ** step)
+            print0(f"step {step:05d} | {problem} | step skipped: no optimizer update ({guard.consecutive} in a row, "
+                   f"limit {args.skip_nonfinite_steps}; {skipped_before + guard.skipped} skipped in total)")
+            log_metrics({"kind": "skip", "step": step, "loss": train_loss, "problem": problem,
+                         "skipped_total": skipped_before + guard.skipped})
+            step += 1
+            return
+        limit = f" ({guard.consecutive} in a row, --skip-nonfinite-steps={args.skip_nonfinite_steps})" \
+            if args.skip_nonfinite_steps > 0 else ""
+        print0(f"step {step:05d} | {problem}; stopping before the optimizer step{limit}. "
+               f"The last saved checkpoint is untouched.")
+        compute_cleanup()
+        sys.exit(1)
 
     frozen_fp8 = None  # the active_start whose frozen-prefix FP8 weight caches are live
     flops_by_start = {0: flops_per_token}  # training FLOPs per token by active_start (for MFU)
@@ -728,10 +751,18 @@ def main():
             if active_start:
                 set_fp8_weight_cache(model, True, modules=list(model.transformer.h[:active_start]))
             frozen_fp8 = active_start
+        if ddp:
+            # Every rank must train the same blocks (the sharded optimizer pairs tensors by position):
+            # with a = each rank's active_start, all are equal iff (sum a)^2 == W * sum a^2. Checked
+            # here, where the device is idle anyway, before any work of this step is queued.
+            agree = torch.tensor([active_start, active_start ** 2], dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(agree)
+            a_sum, a_sq = agree.tolist()
+            if a_sum ** 2 != world_size * a_sq:
+                raise RuntimeError(f"step {step}: the ranks chose different dynamic_suffix active_start values "
+                                   f"(this rank {active_start}, mean {a_sum / world_size:g}); their controllers "
+                                   f"diverged, so the sharded optimizer would mix different blocks")
         loss_sum = torch.zeros((), device=device)
-        if ddp:  # [loss sum, active_start, active_start^2], summed over ranks after the micro-steps
-            # (made here, where the device is idle, so the host-to-device copy stalls nothing)
-            stats = torch.tensor([0.0, active_start, active_start ** 2], dtype=torch.float64, device=device)
         mem_probe.start(step)  # --debug-mem-every: per-phase peaks (a no-op on most steps)
         for micro_step in range(grad_accum_steps):
             with autocast_ctx:
@@ -744,44 +775,24 @@ def main():
             mem_probe.end("backward")
             consumed_state = loader_state
             x, y, loader_state = next(train_loader)  # prefetch while the GPU works
-        if ddp:
-            # The logged loss is the mean over every rank's micro-batches. And every rank must train
-            # the same blocks (the gradient all-reduce pairs tensors by position): with a = each rank's
-            # active_start, all are equal iff (sum a)^2 == W * sum a^2. One collective for both.
-            stats[0] = loss_sum
-            torch.distributed.all_reduce(stats)
-            loss_total, a_sum, a_sq = stats.tolist()  # the one host sync of the step
-            train_loss = loss_total / (world_size * grad_accum_steps)
-            if a_sum ** 2 != world_size * a_sq:
-                raise RuntimeError(f"step {step}: the ranks chose different dynamic_suffix active_start values "
-                                   f"(this rank {active_start}, mean {a_sum / world_size:g}); their controllers "
-                                   f"diverged, so the gradient all-reduce would mix different blocks")
-        else:
-            train_loss = (loss_sum / grad_accum_steps).item()  # the one host sync of the step
-        # Never let a non-finite loss (or, with --debug-nan, gradient) reach the optimizer: stop with
-        # the last checkpoint intact, or with --skip-nonfinite-steps drop this step's gradients.
-        problem = guard.check_before_step(train_loss)
-        if ddp and args.skip_nonfinite_steps > 0 and any_rank(problem is not None, device, ddp) and not problem:
-            problem = "non-finite loss or gradients on another rank"  # every rank must skip together
-        if problem:
-            if guard.on_bad_step():
-                model.zero_grad(set_to_none=True)
-                train_elapsed += time.time() - t0
-                if step > 0:  # feed the EMA its own debiased value, so the debiasing by step count stays exact
-                    smooth_loss = 0.9 * smooth_loss + 0.1 * smooth_loss / (1 - 0.9 ** step)
-                print0(f"step {step:05d} | {problem} | step skipped: no optimizer update ({guard.consecutive} in a row, "
-                       f"limit {args.skip_nonfinite_steps}; {skipped_before + guard.skipped} skipped in total)")
-                log_metrics({"kind": "skip", "step": step, "loss": train_loss, "problem": problem,
-                             "skipped_total": skipped_before + guard.skipped})
-                step += 1
+        if ddp:  # the logged loss is the mean over every rank's micro-batches
+            torch.distributed.all_reduce(loss_sum)
+            loss_sum /= world_size
+        loss_mean = loss_sum / grad_accum_steps
+
+        # The loss reaches the host before the optimizer step only where a flag needs it there
+        # (--debug-nan checks and names gradients, --auto-lr-reduction sets this step's LR from it).
+        # Otherwise the step is queued first and skipped on the device if the loss is not finite,
+        # so the GPU never idles while the optimizer is launched; the host reads the loss after.
+        train_loss = None
+        if args.debug_nan or spikes:
+            train_loss = loss_mean.item()
+            problem = guard.check_before_step(train_loss)
+            if ddp and args.skip_nonfinite_steps > 0 and any_rank(problem is not None, device, ddp) and not problem:
+                problem = "non-finite gradients on another rank"  # every rank must skip together
+            if problem:
+                bad_step(problem)
                 continue
-            limit = f" ({guard.consecutive} in a row, --skip-nonfinite-steps={args.skip_nonfinite_steps})" \
-                if args.skip_nonfinite_steps > 0 else ""
-            print0(f"step {step:05d} | {problem}; stopping before the optimizer step{limit}. "
-                   f"The last saved checkpoint is untouched.")
-            compute_cleanup()
-            sys.exit(1)
-        guard.on_good_step()
         scores = None
         grads_reduced = False
         if dyn and dyn.is_full_step(step):
@@ -809,7 +820,13 @@ def main():
             group["lr"] = group["initial_lr"] * lrm
             if group["kind"] == "muon":
                 group["momentum"] = muon_momentum(step)
-        optimizer.step(reduce_grads=not grads_reduced)
+        optimizer.step(reduce_grads=not grads_reduced, skip_if=~torch.isfinite(loss_mean))
+        if train_loss is None:
+            train_loss = loss_mean.item()  # the one host sync of the step, with the optimizer queued
+            if problem := guard.check_before_step(train_loss):  # the step above was a no-op
+                bad_step(problem)
+                continue
+        guard.on_good_step()
         if ema:
             ema.update()
         mem_probe.end("optimizer")

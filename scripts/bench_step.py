@@ -3,8 +3,9 @@
     python -m scripts.bench_step --depth=12 --max-seq-len=1024 --device-batch-size=32
     python -m scripts.bench_step --active-starts=0,3,6,9 --compile=regional,whole --profile
 
-For each (compile mode, active_start) it reports compile time of the first call, the median step
-time over --steps timed steps (after --warmup), tok/s and peak memory; with --profile it also
+For each (compile mode, orthogonaliser mode, active_start) it reports the time of the first call
+(and of its forward+backward alone: the rest is the optimizer's compile), the median step time over
+--steps timed steps (after --warmup), tok/s and peak memory; with --profile it also
 prints the top CUDA kernels of a full step. Steps include the optimizer (MuonAdamW), as in
 training. Prefix-freezing ratios are reported against active_start=0 of the same compile mode.
 """
@@ -34,13 +35,15 @@ def parse():
     p.add_argument("--active-starts", type=str, default="0", help="comma-separated active_start values")
     p.add_argument("--compile", type=str, default="regional", help="comma-separated: regional, whole, none")
     p.add_argument("--muon-active-only-stack", action="store_true")
+    p.add_argument("--ortho", type=str, default="compiled",
+                   help="comma-separated: compiled, eager (the Muon orthogonaliser; each gets its own model)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one full step")
     return p.parse_args()
 
 
-def build(args, device):
+def build(args, device, compile_ortho=True):
     dim = ((args.depth * args.aspect_ratio + args.head_dim - 1) // args.head_dim) * args.head_dim
     cfg = GPTConfig(sequence_len=args.max_seq_len, vocab_size=args.vocab_size, n_layer=args.depth,
                     n_head=dim // args.head_dim, n_kv_head=dim // args.head_dim, n_embd=dim,
@@ -54,7 +57,7 @@ def build(args, device):
     model.lm_ce_backend = args.lm_ce_backend
     opt = MuonAdamW(model.param_groups(unembedding_lr=0.001, embedding_lr=0.07, matrix_lr=0.005, scalar_lr=0.1,
                                        weight_decay=0.05), active_only_stack=args.muon_active_only_stack,
-                    compile_orthogonalize=True)
+                    compile_orthogonalize=compile_ortho)
     return model, opt
 
 
@@ -72,10 +75,11 @@ def main():
     x = torch.randint(0, args.vocab_size, (B, T), device=device)
     y = torch.randint(0, args.vocab_size, (B, T), device=device)
     rows = []
-    for mode in args.compile.split(","):
+    variants = [(mode, ortho) for mode in args.compile.split(",") for ortho in args.ortho.split(",")]
+    for mode, ortho in variants:
         torch._dynamo.reset()
         torch.manual_seed(0)
-        model, opt = build(args, device)
+        model, opt = build(args, device, compile_ortho=(ortho == "compiled"))
         fwd = model
         if mode == "regional":
             model.compile_regions(dynamic=False)
@@ -83,18 +87,22 @@ def main():
             fwd = torch.compile(model, dynamic=False)
         base = None
         for a in [int(s) for s in args.active_starts.split(",")]:
-            def step():
+            def step(times=None):
                 with torch.autocast("cuda", dtype=torch.bfloat16):
                     loss = fwd(x, y, active_start=a)
                 loss.backward()
+                if times is not None:  # the first call: model and optimizer compile separately
+                    torch.cuda.synchronize()
+                    times.append(time.time())
                 opt.step()
                 model.zero_grad(set_to_none=True)
                 return loss
             torch.cuda.synchronize()
             t0 = time.time()
-            step()
+            marks = []
+            step(marks)
             torch.cuda.synchronize()
-            first = time.time() - t0
+            first, first_model = time.time() - t0, marks[0] - t0
             for _ in range(args.warmup):
                 step()
             torch.cuda.reset_peak_memory_stats()
@@ -107,8 +115,10 @@ def main():
                 times.append(time.time() - t0)
             med = statistics.median(times)
             base = base or med
-            rows.append((mode, a, first, med * 1000, B * T / med, med / base, torch.cuda.max_memory_allocated() / 2**30))
-            print(f"{mode:9s} active_start={a:2d}: first call {first:6.1f}s, median {med * 1000:7.2f} ms", flush=True)
+            rows.append((f"{mode}/{ortho}", a, first, first_model, med * 1000, B * T / med, med / base,
+                         torch.cuda.max_memory_allocated() / 2**30))
+            print(f"{mode}/{ortho} active_start={a:2d}: first call {first:6.1f}s (model {first_model:.1f}s), "
+                  f"median {med * 1000:7.2f} ms", flush=True)
             if args.profile and a == 0:
                 from torch.profiler import ProfilerActivity, profile
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -118,9 +128,10 @@ def main():
                 print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
         model = opt = fwd = None  # free this compile mode's model before building the next
         torch.cuda.empty_cache()
-    print(f"\n{'compile':9s} {'active':>6s} {'first_s':>8s} {'step_ms':>8s} {'tok/s':>10s} {'vs_a0':>6s} {'peak_GiB':>8s}")
-    for mode, a, first, ms, tps, ratio, mem in rows:
-        print(f"{mode:9s} {a:6d} {first:8.1f} {ms:8.2f} {tps:10,.0f} {ratio:6.3f} {mem:8.2f}")
+    print(f"\n{'compile/ortho':18s} {'active':>6s} {'first_s':>8s} {'model_s':>8s} {'step_ms':>8s} {'tok/s':>10s} "
+          f"{'vs_a0':>6s} {'peak_GiB':>8s}")
+    for name, a, first, first_model, ms, tps, ratio, mem in rows:
+        print(f"{name:18s} {a:6d} {first:8.1f} {first_model:8.1f} {ms:8.2f} {tps:10,.0f} {ratio:6.3f} {mem:8.2f}")
 
 
 if __name__ == "__main__":

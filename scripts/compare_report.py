@@ -8,8 +8,10 @@ records). Without `runs.tsv` it falls back to every `*.metrics.jsonl` in the dir
 no setup_sec). Writes:
 
 - `summary.csv`: one row per run (COLUMNS);
-- `summary.md`: per-arm medians over seeds, ratios dynamic/full of those medians, the per-seed
-  paired val bpb differences, the flags in which the arms' commands differ, every run's row;
+- `summary.md`: time to target (the headline: per seed, the train time dynamic_suffix needs to reach
+  full_update's final val bpb, as a fraction of full_update's train time; median over seeds), per-arm
+  medians over seeds, ratios dynamic/full of those medians, the per-seed paired val bpb differences,
+  the flags in which the arms' commands differ, every run's row;
 - `val_bpb_vs_time.png` (+ `val_bpb_vs_time_tail.png`, the second half of the time axis zoomed,
   and `val_bpb_vs_time.csv`, the plotted points): val bpb against train_elapsed for every run, drawn by the small PNG renderer below (matplotlib is not a
   dependency of the project; the renderer needs only zlib and struct).
@@ -28,16 +30,20 @@ import zlib
 SPEC_COLUMNS = ["variant", "schedule", "num_iterations", "elapsed_sec", "max_tok_per_sec", "avg_tok_per_sec",
                 "final_loss", "min_val_bpb", "avg_step_peak_vram_mib", "peak_vram_mib", "active_layers_mean",
                 "active_layers_range"]
-COLUMNS = SPEC_COLUMNS + ["seed", "tokens", "compile_sec", "setup_sec", "final_val_bpb", "wall_sec", "status", "run_id"]
+TARGET_COLUMNS = ["target_val_bpb", "time_to_target_sec", "time_to_target_ratio"]  # filled per seed pair
+COLUMNS = (SPEC_COLUMNS + ["seed", "tokens", "compile_sec", "setup_sec", "final_val_bpb", "wall_sec", "status",
+                           "run_id"] + TARGET_COLUMNS)
 NUMERIC = ["num_iterations", "elapsed_sec", "max_tok_per_sec", "avg_tok_per_sec", "final_loss", "min_val_bpb",
            "avg_step_peak_vram_mib", "peak_vram_mib", "active_layers_mean", "tokens", "compile_sec", "setup_sec",
            "final_val_bpb", "wall_sec"]
 DIGITS = {"elapsed_sec": 2, "max_tok_per_sec": 1, "avg_tok_per_sec": 1, "final_loss": 6, "min_val_bpb": 6,
           "avg_step_peak_vram_mib": 2, "peak_vram_mib": 2, "active_layers_mean": 2, "compile_sec": 2,
-          "setup_sec": 2, "final_val_bpb": 6, "wall_sec": 2}
+          "setup_sec": 2, "final_val_bpb": 6, "wall_sec": 2, "target_val_bpb": 6, "time_to_target_sec": 2,
+          "time_to_target_ratio": 4}
 FINAL_LOSS_FRAC = 0.05  # final_loss = mean raw train loss of the last 5% of steps (at least one step)
 NA = "NA"
 TAIL_FROM = 0.5  # val_bpb_vs_time_tail.png: evals at train_elapsed >= this fraction of the longest run
+SPARSE_EVAL_FRAC = 0.1  # precision warning: the dynamic arm's eval interval exceeds this fraction of full_time
 
 
 # -----------------------------------------------------------------------------
@@ -206,6 +212,170 @@ def paired_diffs(rows: list[dict], col: str) -> list[tuple[str, float]]:
             by.setdefault(r["seed"], {})[r["schedule"]] = r[col]
     return [(s, d["dynamic_suffix"] - d["full_update"]) for s, d in by.items()
             if "dynamic_suffix" in d and "full_update" in d]
+
+
+def eval_points(evals: list[dict]) -> list[tuple]:
+    """(step, train_elapsed, val_bpb) of the evals that have both numbers, in file (= step) order.
+
+    An eval without train_elapsed cannot be placed on the time axis, so it takes no part in the
+    time-to-target numbers.
+    """
+    return [(e.get("step"), e["train_elapsed"], e["val_bpb"]) for e in evals
+            if _num(e.get("val_bpb")) is not None and _num(e.get("train_elapsed")) is not None]
+
+
+def crossing(points: list[tuple], target: float) -> dict | None:
+    """When a run's val bpb first reaches `target` (None if no eval is at or below it).
+
+    Evals are discrete, so the crossing is only known to lie between the last eval above the
+    target and the first at or below it: `first_eval_sec` is the latter's train_elapsed (what was
+    observed: conservative), `interp_sec` the time where the straight line between the two evals
+    meets the target (the estimate; equal to `first_eval_sec` when the eval hits the target exactly
+    or is the run's first eval).
+    """
+    prev = None
+    for step, t, bpb in points:
+        if bpb <= target:
+            interp = t if prev is None else prev[1] + (prev[2] - target) / (prev[2] - bpb) * (t - prev[1])
+            return {"interp_sec": interp, "first_eval_sec": t, "step": step,
+                    "prev_step": None if prev is None else prev[0], "prev_sec": None if prev is None else prev[1]}
+        prev = (step, t, bpb)
+    return None
+
+
+def eval_interval(points: list[tuple]) -> tuple[float | None, float | None]:
+    """(steps, seconds) between consecutive evals: the medians of the gaps.
+
+    Medians, because the first gap holds the compile step and the last may be short (the final
+    eval comes at the last step whatever --eval-every is).
+    """
+    if len(points) < 2:
+        return None, None
+    steps = [b[0] - a[0] for a, b in zip(points, points[1:]) if a[0] is not None and b[0] is not None]
+    secs = [b[1] - a[1] for a, b in zip(points, points[1:])]
+    return (statistics.median(steps) if steps else None), statistics.median(secs)
+
+
+def time_to_target(full_evals: list[dict], dyn_evals: list[dict]) -> dict:
+    """One seed's time to target: the train time the dynamic arm needs to reach the val bpb that the
+    full arm ends at, against the full arm's own train time (both train_elapsed: compile included,
+    evals excluded). `ratio` uses the interpolated crossing, `ratio_first_eval` the conservative one;
+    both None when the full arm has no eval or the dynamic arm never reaches the target (then `best`
+    is the dynamic arm's lowest val bpb).
+    """
+    full, dyn = eval_points(full_evals), eval_points(dyn_evals)
+    dyn_steps, dyn_secs = eval_interval(dyn)
+    out = {"target": None, "full_sec": None, "cross": None, "ratio": None, "ratio_first_eval": None,
+           "best": min((p[2] for p in dyn), default=None), "full_evals": len(full),
+           "dyn_interval_steps": dyn_steps, "dyn_interval_sec": dyn_secs}
+    if not full:
+        return out
+    out["target"], out["full_sec"] = full[-1][2], full[-1][1]
+    out["cross"] = crossing(dyn, out["target"])
+    if out["cross"] is not None and out["full_sec"] > 0:
+        out["ratio"] = out["cross"]["interp_sec"] / out["full_sec"]
+        out["ratio_first_eval"] = out["cross"]["first_eval_sec"] / out["full_sec"]
+    return out
+
+
+def times_to_target(rows: list[dict], evals_by_run: dict) -> tuple[list[dict], list[str]]:
+    """time_to_target of every seed with a successful run in both arms (with `seed`, and the two
+    rows as `full_row` / `dyn_row`), and the seeds left out because an arm failed or is missing."""
+    by = {}
+    for r in rows:
+        if r["seed"] is not None:
+            by.setdefault(r["seed"], {})[r["schedule"]] = r
+    out, skipped = [], []
+    for seed in sorted(by, key=lambda s: int(s) if s.isdigit() else s):
+        f, d = by[seed].get("full_update"), by[seed].get("dynamic_suffix")
+        if f is None or d is None or f["status"] != "ok" or d["status"] != "ok":
+            skipped.append(seed)
+            continue
+        t = time_to_target(evals_by_run.get(f["run_id"], []), evals_by_run.get(d["run_id"], []))
+        out.append({"seed": seed, "full_row": f, "dyn_row": d, **t})
+    return out, skipped
+
+
+def median_ratio(ttt: list[dict], key: str = "ratio") -> float | None:
+    """Median over seeds of a time-to-target ratio; a seed whose dynamic arm never reached the target
+    counts as +inf (slower than any seed that did), so leaving it out cannot flatter the median.
+    None if there are no seeds or the median is such a seed."""
+    vals = [math.inf if t[key] is None else t[key] for t in ttt if t["target"] is not None and t["full_sec"]]
+    m = statistics.median(vals) if vals else None
+    return m if m is not None and math.isfinite(m) else None
+
+
+def fill_target_columns(ttt: list[dict]) -> None:
+    """The per-run target columns of both rows of each seed pair (the full row is the reference:
+    its own final val bpb, its own train time, ratio 1.0)."""
+    for t in ttt:
+        if t["target"] is None:
+            continue
+        f, d = t["full_row"], t["dyn_row"]
+        f["target_val_bpb"] = d["target_val_bpb"] = t["target"]
+        f["time_to_target_sec"] = t["full_sec"]
+        f["time_to_target_ratio"] = 1.0 if t["full_sec"] > 0 else None
+        d["time_to_target_sec"] = None if t["cross"] is None else t["cross"]["interp_sec"]
+        d["time_to_target_ratio"] = t["ratio"]
+
+
+def target_section(ttt: list[dict], skipped: list[str]) -> list[str]:
+    """The "Time to target" lines of summary.md: a table per seed, the median, the precision."""
+    md = ["", "## Time to target", "",
+          "Train time (train_elapsed: step time incl. compile, excl. evals) that dynamic_suffix needs to reach the "
+          "final val bpb of full_update of the same seed, as a fraction of full_update's train time. Interpolated: "
+          "linear in time between the last eval above the target and the first at or below it; first eval: that "
+          "eval's time (conservative, what was observed).", ""]
+    if not ttt:
+        md.append("No seed has a successful run in both arms: no time to target.")
+        return md
+    body = []
+    for t in ttt:
+        c = t["cross"]
+        if t["target"] is None:
+            dyn_cells = ["no target (full arm has no eval with train_elapsed)", NA]
+        elif c is None:
+            dyn_cells = [f"not reached (best {_r(t['best'], 6)} vs target {t['target']:.6f})", NA]
+        else:
+            dyn_cells = [f"{c['interp_sec']:.2f}", f"{c['first_eval_sec']:.2f} (step {c['step']})"]
+        bracket = NA
+        if c is not None and c["prev_sec"] is not None:
+            bracket = f"steps {c['prev_step']}-{c['step']}, {c['prev_sec']:.2f}-{c['first_eval_sec']:.2f} s"
+        body.append([t["seed"], _r(t["target"], 6), _r(t["full_sec"], 2)] + dyn_cells
+                    + [_r(t["ratio"], 4), _r(t["ratio_first_eval"], 4), bracket])
+    md.append(md_table(["seed", "target val bpb (full final)", "full time s", "dynamic time s (interpolated)",
+                        "dynamic time s (first eval)", "ratio (interpolated)", "ratio (first eval)",
+                        "crossing between evals"], body))
+    counted = [t for t in ttt if t["target"] is not None and t["full_sec"]]
+    reached = sum(t["ratio"] is not None for t in counted)
+    med, med_first = median_ratio(ttt), median_ratio(ttt, "ratio_first_eval")
+    unreached = "" if reached == len(counted) else "; a seed that did not counts as slower than any that did"
+    notes = [f"**Median time-to-target ratio over {len(counted)} seed(s): {_r(med, 4)}** (interpolated; "
+             f"{_r(med_first, 4)} from first evals). The dynamic arm reached the target in {reached}/{len(counted)} "
+             f"seeds{unreached}."]
+    steps = median_or_none(t["dyn_interval_steps"] for t in ttt)
+    secs = median_or_none(t["dyn_interval_sec"] for t in ttt)
+    notes.append(f"Precision is bounded by the dynamic arm's eval cadence: one eval every {fmt('steps', steps)} "
+                 f"steps, {_r(secs, 2)} s of train_elapsed (medians of the gaps between its evals, median over "
+                 "seeds); the crossing lies inside one such gap (column \"crossing between evals\").")
+    if len(counted) < 3:
+        notes.append("**Fewer than 3 seeds with both arms: the median is not the headline number yet.**")
+    warn = []
+    for t in ttt:
+        if t["full_evals"] < 2:
+            warn.append(f"s{t['seed']}: full arm has {t['full_evals']} eval(s) (< 2)")
+        if t["dyn_interval_sec"] is None:
+            warn.append(f"s{t['seed']}: dynamic arm has < 2 evals (no eval interval)")
+        elif t["full_sec"] and t["dyn_interval_sec"] > SPARSE_EVAL_FRAC * t["full_sec"]:
+            warn.append(f"s{t['seed']}: dynamic eval interval {t['dyn_interval_sec']:.2f} s > "
+                        f"{SPARSE_EVAL_FRAC:.0%} of full time {t['full_sec']:.2f} s")
+    if warn:
+        notes.append(f"**Precision warning (evals too sparse; lower EVAL_EVERY): {'; '.join(warn)}.**")
+    if skipped:
+        notes.append(f"Seeds left out (an arm failed or is missing): {', '.join(skipped)}.")
+    for n in notes:
+        md += ["", n]
+    return md
 
 
 def command_of(results_dir: str, run: dict) -> str:
@@ -422,6 +592,8 @@ def write_report(results_dir: str) -> dict:
         rows.append(row)
         evals_by_run[row["run_id"]] = evals
 
+    ttt, ttt_skipped = times_to_target(rows, evals_by_run)
+    fill_target_columns(ttt)
     with open(os.path.join(results_dir, "summary.csv"), "w", encoding="utf-8", newline="") as f:
         w = csv.writer(f)
         w.writerow(COLUMNS)
@@ -473,6 +645,7 @@ def write_report(results_dir: str) -> dict:
                f"- dynamic only: {' '.join(f'`{t}`' for t in only_dyn) or '(none)'}",
                "", "Shared flags:", "", "```", shared, "```"]
 
+    md += target_section(ttt, ttt_skipped)
     med_cols = ["num_iterations", "elapsed_sec", "compile_sec", "setup_sec", "avg_tok_per_sec", "max_tok_per_sec",
                 "final_loss", "final_val_bpb", "min_val_bpb", "avg_step_peak_vram_mib", "peak_vram_mib",
                 "active_layers_mean"]
@@ -510,7 +683,8 @@ def write_report(results_dir: str) -> dict:
     md += ["", "Column definitions: docs/compare.md."]
     with open(os.path.join(results_dir, "summary.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(md) + "\n")
-    return {"rows": rows, "medians": medians, "ratios": rat, "series": series}
+    return {"rows": rows, "medians": medians, "ratios": rat, "series": series, "time_to_target": ttt,
+            "time_to_target_median": median_ratio(ttt)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -99,6 +99,7 @@ def test_report_columns_and_per_run_numbers(synthetic):
                            "active_layers_range"]
     for c in ("seed", "tokens", "compile_sec", "setup_sec", "final_val_bpb"):
         assert c in header
+    assert header[-3:] == ["target_val_bpb", "time_to_target_sec", "time_to_target_ratio"]  # appended last
     rows = {r["run_id"]: r for r in read_csv(os.path.join(d, "summary.csv"))}
     assert set(rows) == set(expect)
     for run_id, e in expect.items():
@@ -174,6 +175,119 @@ def test_report_counts_the_last_attempt_of_a_resumed_run(tmp_path):
         + "full_s1\tfull\tfull_update\t1\t2\t\t5.0\t0\tfull_s1.metrics.jsonl\t\tpython -m x\n")
     rows = cr.write_report(d)["rows"]
     assert len(rows) == 1 and rows[0]["status"] == "ok" and rows[0]["setup_sec"] == pytest.approx(5.0 - 2.0)
+
+
+# -----------------------------------------------------------------------------
+# Time to target
+
+
+def ttt_dir(tmp_path, pairs):
+    """A results dir of seed pairs: [(seed, (full_dts, full_evals, full_exit), (dyn_dts, dyn_evals, dyn_exit))].
+
+    train_elapsed of an eval at step k = sum of the first k step times (as write_run records it).
+    """
+    d = str(tmp_path)
+    manifest = MANIFEST_HEADER
+    order = 0
+    for seed, *arms in pairs:
+        arm_names = [("full", "full_update"), ("dynamic", "dynamic_suffix")]
+        for (variant, schedule), (dts, evals, exit_code) in zip(arm_names, arms):
+            run_id = f"{variant}_s{seed}"
+            n = len(dts)
+            elapsed = write_run(d, run_id, schedule, seed, dts, [3.0] * n, [2] * n, evals)
+            order += 1
+            manifest += (f"{run_id}\t{variant}\t{schedule}\t{seed}\t{order}\t\t{elapsed + 5.0}\t{exit_code}\t"
+                         f"{run_id}.metrics.jsonl\t{run_id}.log\tpython -m scripts.base_train --seed={seed}\n")
+    (tmp_path / "runs.tsv").write_text(manifest)
+    return d
+
+
+# Full arm: 10 steps, the first (compile) 2.0 s, then 1.0 s each: full_time = 11.0 s at the step-10 eval.
+FULL_10 = ([2.0] + [1.0] * 9, {0: 3.0, 5: 2.0, 10: 1.5}, 0)
+# Dynamic arm: 20 steps, 2.0 s then 0.5 s each: evals at steps 0/5/10/15/20 at 0/4.0/6.5/9.0/11.5 s.
+DYN_DTS = [2.0] + [0.5] * 19
+
+
+def test_time_to_target_interpolates_between_evals(tmp_path):
+    d = ttt_dir(tmp_path, [(1, FULL_10, (DYN_DTS, {0: 3.0, 5: 2.0, 10: 1.6, 15: 1.4, 20: 1.3}, 0))])
+    out = cr.write_report(d)
+    (t,) = out["time_to_target"]
+    assert t["target"] == 1.5 and t["full_sec"] == pytest.approx(11.0)
+    # Between step 10 (6.5 s, 1.6) and step 15 (9.0 s, 1.4): 1.5 is halfway, so 6.5 + 0.5 * 2.5 = 7.75 s.
+    assert t["cross"]["interp_sec"] == pytest.approx(7.75) and t["cross"]["first_eval_sec"] == pytest.approx(9.0)
+    assert t["ratio"] == pytest.approx(7.75 / 11.0) and t["ratio_first_eval"] == pytest.approx(9.0 / 11.0)
+    assert out["time_to_target_median"] == pytest.approx(7.75 / 11.0)
+    assert (t["dyn_interval_steps"], t["dyn_interval_sec"]) == (5, pytest.approx(2.5))
+    rows = {r["run_id"]: r for r in read_csv(os.path.join(d, "summary.csv"))}
+    assert [rows["full_s1"][c] for c in cr.TARGET_COLUMNS] == ["1.500000", "11.00", "1.0000"]
+    assert [rows["dynamic_s1"][c] for c in cr.TARGET_COLUMNS] == ["1.500000", "7.75", "0.7045"]
+    md = open(os.path.join(d, "summary.md")).read()
+    assert "## Time to target" in md
+    assert "| 1 | 1.500000 | 11.00 | 7.75 | 9.00 (step 15) | 0.7045 | 0.8182 | steps 10-15, 6.50-9.00 s |" in md
+    assert "**Median time-to-target ratio over 1 seed(s): 0.7045** (interpolated; 0.8182 from first evals)" in md
+    assert "one eval every 5 steps, 2.50 s of train_elapsed" in md
+    # 2.5 s between evals > 10% of 11 s: the precision warning names the seed.
+    assert "s1: dynamic eval interval 2.50 s > 10% of full time 11.00 s" in md
+    assert "full arm has" not in md  # 3 evals in the full arm: not sparse
+
+
+def test_time_to_target_crossing_exactly_at_an_eval(tmp_path):
+    d = ttt_dir(tmp_path, [(1, FULL_10, (DYN_DTS, {0: 3.0, 5: 2.0, 10: 1.5, 15: 1.4, 20: 1.3}, 0))])
+    (t,) = cr.write_report(d)["time_to_target"]
+    assert t["cross"]["step"] == 10
+    assert t["cross"]["interp_sec"] == pytest.approx(6.5) and t["cross"]["first_eval_sec"] == pytest.approx(6.5)
+    assert t["ratio"] == pytest.approx(6.5 / 11.0) == t["ratio_first_eval"]
+    # The run's first eval already at or below the target: no earlier eval to interpolate from.
+    assert cr.crossing([(0, 0.0, 1.0), (5, 3.0, 0.9)], 1.2) == {"interp_sec": 0.0, "first_eval_sec": 0.0, "step": 0,
+                                                                 "prev_step": None, "prev_sec": None}
+
+
+def test_time_to_target_not_reached(tmp_path):
+    # Full arm with only its final eval: sparse (< 2 evals) is warned about.
+    full = ([2.0] + [1.0] * 9, {10: 1.5}, 0)
+    d = ttt_dir(tmp_path, [(1, full, (DYN_DTS, {0: 3.0, 5: 2.0, 10: 1.7, 15: 1.55, 20: 1.58}, 0))])
+    out = cr.write_report(d)
+    (t,) = out["time_to_target"]
+    assert t["cross"] is None and t["ratio"] is None and t["best"] == 1.55
+    assert out["time_to_target_median"] is None
+    rows = {r["run_id"]: r for r in read_csv(os.path.join(d, "summary.csv"))}
+    assert [rows["dynamic_s1"][c] for c in cr.TARGET_COLUMNS] == ["1.500000", "NA", "NA"]
+    md = open(os.path.join(d, "summary.md")).read()
+    assert "| not reached (best 1.550000 vs target 1.500000) | NA | NA | NA | NA |" in md
+    assert "**Median time-to-target ratio over 1 seed(s): NA**" in md and "reached the target in 0/1 seeds" in md
+    assert "s1: full arm has 1 eval(s) (< 2)" in md
+
+
+def test_time_to_target_median_over_3_seeds_and_a_failed_full_arm_skipped(tmp_path):
+    # Dynamic arm: 20 steps of 0.5 s, an eval every step, val bpb 2.0 - k/16 (exact in binary) at k * 0.5 s.
+    dyn = ([0.5] * 20, {k: 2.0 - k / 16 for k in range(21)}, 0)
+
+    def full(target, exit_code=0):  # 10 steps of 1.0 s: full_time 10.0 s
+        return [1.0] * 10, {0: 3.0, 10: target}, exit_code
+
+    d = ttt_dir(tmp_path, [(1, full(1.625), dyn),    # reached at step 6 (3.0 s): 0.3
+                           (2, full(1.25), dyn),     # step 12 (6.0 s): 0.6
+                           (3, full(1.53125), dyn),  # between step 7 (3.5 s, 1.5625) and 8 (4.0 s, 1.5): 3.75 s
+                           (4, full(1.4, exit_code=1), dyn)])  # full arm failed: seed left out
+    out = cr.write_report(d)
+    by = {t["seed"]: t for t in out["time_to_target"]}
+    assert sorted(by) == ["1", "2", "3"]
+    assert [by[s]["ratio"] for s in "123"] == [pytest.approx(0.3), pytest.approx(0.6), pytest.approx(0.375)]
+    assert [by[s]["ratio_first_eval"] for s in "123"] == [pytest.approx(0.3), pytest.approx(0.6), pytest.approx(0.4)]
+    assert out["time_to_target_median"] == pytest.approx(0.375)
+    rows = {r["run_id"]: r for r in read_csv(os.path.join(d, "summary.csv"))}
+    assert [rows["dynamic_s3"][c] for c in cr.TARGET_COLUMNS] == ["1.531250", "3.75", "0.3750"]
+    assert [rows[r][c] for r in ("full_s4", "dynamic_s4") for c in cr.TARGET_COLUMNS] == ["NA"] * 6
+    md = open(os.path.join(d, "summary.md")).read()
+    assert "**Median time-to-target ratio over 3 seed(s): 0.3750** (interpolated; 0.4000 from first evals)" in md
+    assert "reached the target in 3/3 seeds." in md
+    assert "one eval every 1 steps, 0.50 s of train_elapsed" in md
+    assert "Precision warning" not in md  # 0.5 s between evals <= 10% of 10 s; 2 full evals
+    assert "Seeds left out (an arm failed or is missing): 4." in md
+    assert "Fewer than 3 seeds with both arms" not in md
+    # A seed that never reached the target counts as slower than every seed that did.
+    seeds = [{"target": 1.0, "full_sec": 1.0, "ratio": r} for r in (0.5, None, 0.7)]
+    assert cr.median_ratio(seeds) == 0.7 and cr.median_ratio(seeds[:2]) is None
 
 
 # -----------------------------------------------------------------------------
@@ -346,10 +460,13 @@ def test_dry_run_resume_skips_done_runs_and_checks_their_commands(tmp_path):
     assert p.returncode == 2 and "do not plan" in p.stderr
 
 
-def test_runner_documents_the_spec_columns():
+def test_runner_and_docs_document_every_column():
     text = open(RUNNER).read()
-    for col in cr.SPEC_COLUMNS + ["seed", "tokens", "compile_sec", "setup_sec", "final_val_bpb"]:
+    for col in cr.COLUMNS:
         assert col in text, col
+    docs = open(os.path.join(ROOT, "docs", "compare.md")).read()
+    for col in cr.COLUMNS:
+        assert f"| `{col}` |" in docs, col  # a row of the column definitions table
 
 
 # -----------------------------------------------------------------------------

@@ -123,3 +123,24 @@ def test_eval_loader_rows_do_not_depend_on_world_size(tok):
     r1 = [x for x, _, _ in itertools.islice(build_eval_loader(tok, 2, 32, "val", rank=1, world_size=2), 3)]
     for i in range(3):
         assert torch.equal(one[2 * i], r0[i]) and torch.equal(one[2 * i + 1], r1[i])
+
+
+def test_worker_process_yields_exactly_the_in_process_batches(tok, small_dir, tmp_path):
+    """The loader process (used on GPUs) gives the same batches and states as the in-process
+    loader, resumes from a state exactly, and reports a failure in the worker as one DataError."""
+    from nanochat.dataloader import build_train_loader
+    kw = dict(world_size=2, rank=1, grad_accum_steps=2, data_dir=small_dir)
+    want = take(build_train_loader(tok, B, T, "train", **kw), 12)
+    got = take(build_train_loader(tok, B, T, "train", worker_process=True, queue_batches=3, **kw), 12)
+    for (x1, y1, s1), (x2, y2, s2) in zip(want, got):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2) and s1 == s2
+    resumed = take(build_train_loader(tok, B, T, "train", worker_process=True, resume_state=want[5][2], **kw), 3)
+    for (x1, _, s1), (x2, _, s2) in zip(want[6:9], resumed):
+        assert torch.equal(x1, x2) and s1 == s2
+    # A problem found before the worker starts keeps its own type; one found in the worker is a DataError.
+    with pytest.raises(ValueError, match="grad_accum_steps"):
+        build_train_loader(tok, B, T, "train", worker_process=True, world_size=1, grad_accum_steps=0, data_dir=small_dir)
+    for i in range(2):
+        pq.write_table(pa.table({"text": ["hi", "yo"]}), str(tmp_path / f"shard_{i:05d}.parquet"))
+    with pytest.raises(DataError, match="data loader process: DataError: .*no complete rows"):
+        next(build_train_loader(tok, 2, 512, "train", worker_process=True, data_dir=str(tmp_path)))

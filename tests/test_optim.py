@@ -146,3 +146,69 @@ def test_compiled_orthogonalizer_does_not_recompile_when_the_active_count_change
         opt.step()
     assert len(compiles) == 1
     torch._dynamo.reset()
+
+
+# --------------------------------------------------------------------------- sharded (torchrun)
+def _sharded_model_and_groups(seed=0):
+    """A small stand-in for the GPT's groups: two AdamW matrices (sharded by rows), per-layer
+    scalars (replicated) and a Muon group of 5 matrices (owned by rank i % 2, uneven on purpose)."""
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.nn.Parameter(torch.randn(64, 32, generator=g))
+    head = torch.nn.Parameter(torch.randn(64, 32, generator=g) * 0.1)
+    scalars = [torch.nn.Parameter(torch.ones(1)) for _ in range(5)]
+    mats = [torch.nn.Parameter(torch.randn(32, 48, generator=g) * 0.2) for _ in range(5)]
+    groups = [dict(kind="adamw", name="emb", params=[emb, head], lr=1e-2, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0),
+              dict(kind="adamw", name="scalars", params=scalars, lr=1e-2, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0),
+              dict(kind="muon", name="mats", params=mats, lr=2e-2, momentum=0.95, weight_decay=0.1)]
+    return [emb, head, *scalars, *mats], groups
+
+
+def _sharded_grads(step, rank, params):
+    """Per-rank gradients; on steps 1 and 3 the first three matrices and scalars are frozen (None),
+    as on a dynamic-suffix step."""
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    frozen = set(range(2, 5)) | set(range(7, 10)) if step in (1, 3) else set()
+    return [None if i in frozen else torch.randn(p.shape, generator=g) for i, p in enumerate(params)]
+
+
+def _sharded_worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        params, groups = _sharded_model_and_groups()
+        opt = MuonAdamW(groups)
+        for step in range(4):
+            for p, grad in zip(params, _sharded_grads(step, rank, params)):
+                p.grad = grad
+            if step == 2:  # the dynamic-suffix probe path: average first, then step without reducing
+                opt.reduce_grads()
+                opt.step(reduce_grads=False)
+            else:
+                opt.step()
+        owned = sorted(i for i, p in enumerate(params) if p in opt.state and "momentum_buffer" in opt.state[p])
+        torch.save({"params": [p.detach().clone() for p in params], "owned_muon": owned,
+                    "emb_state_rows": opt.state[params[0]]["exp_avg"].shape[0]}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_state_matches_one_process(tmp_path):
+    """2 gloo ranks with sharded optimizer state give the weights one process gets from the averaged
+    gradients, frozen (None-grad) steps and the reduce-first path included; each rank keeps only
+    its own Muon momenta and half of the embedding's AdamW moments."""
+    import torch.multiprocessing as mp
+    mp.spawn(_sharded_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    params, groups = _sharded_model_and_groups()
+    opt = MuonAdamW(groups)
+    for step in range(4):
+        per_rank = [_sharded_grads(step, r, params) for r in range(2)]
+        for p, g0, g1 in zip(params, *per_rank):
+            p.grad = None if g0 is None else (g0 + g1) / 2
+        opt.step()
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for r in ranks:
+        for i, (want, got) in enumerate(zip(params, r["params"])):
+            torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-6, msg=f"param {i}")
+        assert r["emb_state_rows"] == 32
+    # Muon matrices are params 7..11 (group index 0..4): rank 0 owns 0, 2, 4; rank 1 owns 1, 3.
+    assert ranks[0]["owned_muon"] == [7, 9, 11] and ranks[1]["owned_muon"] == [8, 10]
