@@ -121,7 +121,9 @@ read -r -a EXTRA <<< "${BASE_TRAIN_EXTRA_ARGS:-}"
 if [[ "$NPROC_PER_NODE" == 1 ]]; then
   LAUNCH=("$PY" -m scripts.base_train)
 else
-  LAUNCH=("$PY" -m torch.distributed.run --standalone "--nproc_per_node=$NPROC_PER_NODE" -m scripts.base_train)
+  # "--" ends torchrun's own options: without it torchrun reads --run=NAME as an abbreviation of
+  # its --run-path and stops with "ambiguous option".
+  LAUNCH=("$PY" -m torch.distributed.run --standalone "--nproc_per_node=$NPROC_PER_NODE" -m scripts.base_train --)
 fi
 CMD=("${LAUNCH[@]}" "${DEVICE_ARGS[@]}" "${ARGS[@]}" "${EXTRA[@]}")
 

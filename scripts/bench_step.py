@@ -40,6 +40,8 @@ def parse():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one full step")
+    p.add_argument("--compile-times", action="store_true",
+                   help="after the first variant's first call, print where compile time went (dynamo's phase timers)")
     return p.parse_args()
 
 
@@ -103,6 +105,9 @@ def main():
             step(marks)
             torch.cuda.synchronize()
             first, first_model = time.time() - t0, marks[0] - t0
+            if args.compile_times and not rows:
+                from torch._dynamo.utils import compile_times
+                print(compile_times(repr="str", aggregate=True), flush=True)
             for _ in range(args.warmup):
                 step()
             torch.cuda.reset_peak_memory_stats()

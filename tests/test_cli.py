@@ -104,6 +104,15 @@ def test_runner_dry_run_maps_env_to_flags_and_extra_args_win():
     assert build_parser().parse_args(argv).depth == 3
 
 
+def test_runner_torchrun_command_passes_run_name_through():
+    """torchrun would read --run=NAME as an abbreviation of its own --run-path ("ambiguous
+    option"), so the runner ends torchrun's options with "--"; the script gets the rest."""
+    out = run(["bash", RUNNER], env={"DRY_RUN": "1", "SKIP_SETUP": "1", "NPROC_PER_NODE": "2", "RUN_NAME": "abc"})
+    assert out.returncode == 0, out.stderr
+    cmd = out.stdout.strip().splitlines()[-1]
+    assert "-m torch.distributed.run" in cmd and "-m scripts.base_train -- " in cmd and "--run=abc" in cmd.split(" -- ", 1)[1]
+
+
 @pytest.mark.parametrize("env, needle", [
     ({"LM_CE_BACKEND": "fast"}, "LM_CE_BACKEND"),
     ({"DEPTH": "twelve"}, "DEPTH"),

@@ -34,6 +34,8 @@ def run(args, base, nproc=1, script=None, check=True):
     env = {**os.environ, "NANOCHAT_BASE_DIR": str(base), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": ROOT}
     target = [script] if script else ["-m", "scripts.base_train"]
+    if nproc > 1:
+        target.append("--")  # torchrun's options end here (it would take --run=... for its --run-path)
     launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                   f"--nproc_per_node={nproc}"]
     out = subprocess.run([*launch, *target, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -112,7 +114,7 @@ def test_train_loader_resume_exact_and_regrouped(tok):
 def test_two_ranks_match_one_process_with_accumulation(base, tmp_path, extra):
     """Same total batch: 2 ranks x 1 micro-step vs 1 process x 2 -- the same losses (step 1 is after
     one all-reduced optimizer update), accumulation derived from the world size, rank-0 logging."""
-    args = [*TINY, *extra, "--num-iterations=3", "--model-tag=match"]
+    args = [*TINY, *extra, "--num-iterations=3", "--model-tag=match", "--run=dummy"]
     one = run([*args, f"--metrics-file={tmp_path / 'one.jsonl'}"], base)
     two = run([*args, f"--metrics-file={tmp_path / 'two.jsonl'}"], base, nproc=2)
     assert "4 x 64 x 1 ranks x 2 accum steps" in one.stdout

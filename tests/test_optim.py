@@ -188,6 +188,7 @@ def _sharded_worker(rank, world, init_file, out_dir):
         owned = sorted(i for i, p in enumerate(params) if p in opt.state and "momentum_buffer" in opt.state[p])
         torch.save({"params": [p.detach().clone() for p in params], "owned_muon": owned,
                     "emb_state_rows": opt.state[params[0]]["exp_avg"].shape[0]}, f"{out_dir}/rank{rank}.pt")
+        dist.barrier()  # neither rank tears gloo down while the other still talks to it (SIGABRT)
     finally:
         dist.destroy_process_group()
 
@@ -212,3 +213,33 @@ def test_sharded_state_matches_one_process(tmp_path):
         assert r["emb_state_rows"] == 32
     # Muon matrices are params 7..11 (group index 0..4): rank 0 owns 0, 2, 4; rank 1 owns 1, 3.
     assert ranks[0]["owned_muon"] == [7, 9, 11] and ranks[1]["owned_muon"] == [8, 10]
+
+
+def test_device_side_skip_changes_nothing_and_otherwise_equals_a_plain_step():
+    """step(skip_if=flag) with fused AdamW (the CUDA path; CPU has a fused kernel too) decides on
+    the device: a True flag with NaN/Inf gradients leaves weights and every state tensor (step
+    counts included) bit-identical; a False flag gives exactly the plain step."""
+    params, groups = _sharded_model_and_groups()
+    twin, twin_groups = _sharded_model_and_groups()
+    opt = MuonAdamW(groups, fused_adamw=True)
+    ref = MuonAdamW(twin_groups, fused_adamw=True)
+
+    def snapshot():
+        return [p.detach().clone() for p in params] + [v.clone() for st in opt.state.values() for v in st.values()]
+
+    for step in range(4):
+        grads = _sharded_grads(step, 0, params)
+        for p, q, g in zip(params, twin, grads):
+            p.grad = None if g is None else g.clone()
+            q.grad = None if g is None else g.clone()
+        if step == 2:
+            params[0].grad[0, 0] = float("nan")
+            params[-1].grad[1, 1] = float("inf")
+            before = snapshot()
+            opt.step(skip_if=torch.tensor(True))
+            assert all(torch.equal(a, b) for a, b in zip(before, snapshot()))
+            continue
+        opt.step(skip_if=torch.tensor(False))
+        ref.step()
+        for p, q in zip(params, twin):
+            assert torch.equal(p, q)

@@ -294,6 +294,27 @@ def test_skip_nonfinite_step_keeps_weights_and_spike_reduces_lr(trained_base, tm
     assert meta["auto_lr"]["lr_scale"] == 0.5 and meta["nonfinite_skipped"] == 1  # resumable
 
 
+def test_nonfinite_step_skipped_after_the_optimizer_was_queued(trained_base):
+    """Without --debug-nan/--auto-lr-reduction the optimizer step is queued before the host reads the
+    loss and is skipped by the optimizer itself: the weights and optimizer state after a NaN step
+    are bit-identical to before it, and the bad-step streak is saved, so a resume keeps counting."""
+    out = run(["-m", "scripts.base_train", *TINY, "--num-iterations=5", "--eval-every=-1", "--save-every=1",
+               "--skip-nonfinite-steps=2", "--model-tag=devskip"], trained_base, env={"NANOCHAT_FAULT_INJECT": "3:nan"})
+    assert "step 00003 | non-finite loss (nan) | step skipped: no optimizer update (1 in a row" in out.stdout
+    d = ckpt_dir(trained_base, "devskip")
+    # (the optimizer's param_groups also hold this step's scheduled lr/momentum, set every step:
+    # the tensors are what a skip must not touch)
+    for f, part in (("model.pt", lambda sd: sd), ("optim_rank0.pt", lambda sd: sd["state"])):
+        a = torch.utils._pytree.tree_leaves(part(torch.load(os.path.join(d, "step_000003", f), weights_only=True)))
+        b = torch.utils._pytree.tree_leaves(part(torch.load(os.path.join(d, "step_000004", f), weights_only=True)))
+        assert len(a) == len(b) > 0 and all(torch.equal(x, y) for x, y in zip(a, b)), f
+    streaks = []
+    for step in (3, 4, 5):
+        with open(os.path.join(d, f"step_{step:06d}", "meta.json")) as fh:
+            streaks.append(json.load(fh)["nonfinite_streak"])
+    assert streaks == [0, 1, 0]  # saved after step 3 was skipped, reset by the good step 4
+
+
 def test_debug_nan_names_the_tensor_and_too_many_bad_steps_stop(trained_base):
     """A NaN weight: every loss is NaN. --debug-nan names it; two steps are skipped, the third in a row
     stops the run (exit 1) without writing a checkpoint."""
