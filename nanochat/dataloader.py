@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import bisect
 import multiprocessing as mp
+import os
+import signal
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from queue import Empty
+from queue import Empty, Full
 from typing import Iterator
 
 import torch
@@ -324,16 +326,32 @@ def build_train_loader(tokenizer, batch_size: int, seq_len: int, split: str = "t
     return generate()
 
 
-def _loader_process_main(queue, loader_kwargs: dict) -> None:
+def _loader_process_main(queue, loader_kwargs: dict, parent_pid: int) -> None:
     """Body of the loader process: the in-process train loader on the CPU, batch by batch into
-    `queue` (blocking when it is full); an exception is sent as one line and ends the process."""
+    `queue` (waiting while it is full); an exception is sent as one line and ends the process.
+
+    SIGINT/SIGTERM sent to the whole process group (Ctrl-C, a scheduler's preemption) are ignored:
+    the trainer handles them by finishing its step, which may still need batches, then stops this
+    process itself. If the trainer dies without doing so, the wait on a full queue notices that
+    this process has been re-parented and exits instead of lingering."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    def put(item) -> bool:
+        while True:
+            try:
+                queue.put(item, timeout=2)
+                return True
+            except Full:
+                if os.getppid() != parent_pid:
+                    return False
+
     try:
         for x, y, state in build_train_loader(device="cpu", **loader_kwargs):
-            queue.put((x.numpy(), y.numpy(), state))
-    except KeyboardInterrupt:
-        pass
+            if not put((x.numpy(), y.numpy(), state)):
+                return
     except Exception as e:  # noqa: BLE001 (reported to the training process, which raises it)
-        queue.put(f"{type(e).__name__}: {e}")
+        put(f"{type(e).__name__}: {e}")
 
 
 def _process_loader(loader_kwargs: dict, device, queue_batches: int):
@@ -342,7 +360,7 @@ def _process_loader(loader_kwargs: dict, device, queue_batches: int):
     build_train_loader(device="cpu", **loader_kwargs)
     ctx = mp.get_context("spawn")  # fork is unsafe here: CUDA and pyarrow/tokenizer threads exist
     queue = ctx.Queue(maxsize=max(1, queue_batches))
-    proc = ctx.Process(target=_loader_process_main, args=(queue, loader_kwargs), daemon=True,
+    proc = ctx.Process(target=_loader_process_main, args=(queue, loader_kwargs, os.getpid()), daemon=True,
                        name="nanochat-train-loader")
     proc.start()
     to_device = _DeviceCopier(device)
@@ -361,7 +379,7 @@ def _process_loader(loader_kwargs: dict, device, queue_batches: int):
                 x, y, state = item
                 yield (*to_device(torch.from_numpy(x), torch.from_numpy(y)), state)
         finally:
-            proc.terminate()
+            proc.kill()  # it ignores SIGTERM (see _loader_process_main)
             proc.join(timeout=5)
 
     return generate()

@@ -1,6 +1,9 @@
 """Packing loader: BOS alignment, shapes, determinism, exact resume, rank sharding, errors."""
 import itertools
 import json
+import multiprocessing
+import os
+import signal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -137,6 +140,17 @@ def test_worker_process_yields_exactly_the_in_process_batches(tok, small_dir, tm
     resumed = take(build_train_loader(tok, B, T, "train", worker_process=True, resume_state=want[5][2], **kw), 3)
     for (x1, _, s1), (x2, _, s2) in zip(want[6:9], resumed):
         assert torch.equal(x1, x2) and s1 == s2
+    # SIGTERM to the process group must not kill the worker: the trainer finishes its step first.
+    loader = build_train_loader(tok, B, T, "train", worker_process=True, queue_batches=2, **kw)
+    first = next(loader)
+    child = [p for p in multiprocessing.active_children() if p.name == "nanochat-train-loader"]
+    assert len(child) == 1
+    os.kill(child[0].pid, signal.SIGTERM)
+    rest = take(loader, 5)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip([first, *rest], want[:6]))
+    loader.close()
+    child[0].join(timeout=10)
+    assert not child[0].is_alive()
     # A problem found before the worker starts keeps its own type; one found in the worker is a DataError.
     with pytest.raises(ValueError, match="grad_accum_steps"):
         build_train_loader(tok, B, T, "train", worker_process=True, world_size=1, grad_accum_steps=0, data_dir=small_dir)
