@@ -243,3 +243,31 @@ def test_device_side_skip_changes_nothing_and_otherwise_equals_a_plain_step():
         ref.step()
         for p, q in zip(params, twin):
             assert torch.equal(p, q)
+
+
+def test_orthogonalize_fused_epilogue_is_closer_to_exact_than_the_plain_formula():
+    """The baddbmm/addmm form runs the same Polar Express steps as the written-out formula, with
+    the scale-and-add inside the GEMM (fp32 accumulate, one rounding): against the same steps in
+    fp64 it is 2-4x more accurate than the plain bf16 formula (measured 1.6-2.0 % vs 3.4-6.1 %)."""
+    from nanochat.optim import _POLAR_EXPRESS_COEFFS
+
+    def plain(G, dtype):
+        X = G.to(dtype)
+        transposed = X.size(-2) > X.size(-1)
+        X = X.mT if transposed else X
+        X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
+        for a, b, c in _POLAR_EXPRESS_COEFFS:
+            A = X @ X.mT
+            B = b * A + c * (A @ A)
+            X = a * X + B @ X
+        return (X.mT if transposed else X).double()
+
+    torch.manual_seed(0)
+    for shape in [(4, 48, 48), (2, 32, 80), (2, 80, 32), (40, 24)]:
+        G = torch.randn(*shape)
+        exact = plain(G, torch.float64)
+        ours = orthogonalize(G).double()
+        assert ours.shape == G.shape
+        err_ours = (ours - exact).norm() / exact.norm()
+        err_plain = (plain(G, torch.bfloat16) - exact).norm() / exact.norm()
+        assert err_ours < 0.03 and err_ours < err_plain, (shape, err_ours, err_plain)
