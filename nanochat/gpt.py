@@ -260,7 +260,16 @@ class GPT(nn.Module):
     def compile_regions(self, **compile_kwargs):
         """Regional compilation: every block and the head are compiled separately (in place, so
         state_dict keys are unchanged). Identical blocks share compiled code, which makes the
-        first compile short and a new `active_start` free."""
+        first compile short and a new `active_start` free.
+
+        AOTAutograd normally compiles a region's backward lazily, at its first backward call, where
+        a compiler failure would surface from `loss.backward()` after the forward already ran. With
+        `force_non_lazy_backward_lowering` (process-wide) the backward is compiled together with
+        the forward, so a failure of either raises from the region's forward call, where
+        `_run_region` can fall back to eager before anything has run (same total compile work)."""
+        import torch._functorch.config as functorch_config
+        if hasattr(functorch_config, "force_non_lazy_backward_lowering"):
+            functorch_config.force_non_lazy_backward_lowering = True
         for block in self.transformer.h:
             block.compile(**compile_kwargs)
         self._head_fn = torch.compile(self._head_loss, **compile_kwargs)

@@ -156,3 +156,33 @@ def test_a_failing_compile_falls_back_to_eager_loudly(capsys):
     assert "WARNING: torch.compile failed" in out and "EAGERLY" in out
     assert out.count("WARNING: torch.compile failed") == 1
     assert not m._compiled and all(b._compiled_call_impl is None for b in m.transformer.h)
+
+
+def test_a_failing_backward_compile_also_falls_back_before_anything_ran(capsys):
+    """A compiler that fails only on the backward graph: the failure surfaces at the region's
+    forward call (the backward is lowered with the forward), so the step falls back to eager and
+    loss and gradients equal the eager model's instead of crashing in loss.backward()."""
+    import torch._dynamo
+    from torch._dynamo.backends.common import aot_autograd
+
+    def fw_ok(gm, example_inputs):
+        return gm.forward
+
+    def bw_broken(gm, example_inputs):
+        raise RuntimeError("simulated backward compiler crash")
+
+    ref_model, m = make_model(), make_model()
+    x, y = batch()
+    ref = ref_model(x, y)
+    ref.backward()
+    torch._dynamo.reset()
+    m.compile_regions(backend=aot_autograd(fw_compiler=fw_ok, bw_compiler=bw_broken))
+    got = m(x, y)
+    got.backward()
+    torch._dynamo.reset()
+    assert torch.allclose(got, ref, atol=1e-6)
+    for (n, p), q in zip(m.named_parameters(), ref_model.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6), n
+    out = capsys.readouterr().out
+    assert out.count("WARNING: torch.compile failed") == 1 and "EAGERLY" in out
+
