@@ -161,7 +161,8 @@ class MuonAdamW(torch.optim.Optimizer):
         gradients hold NaN/Inf. On CUDA this is decided on the device (fused AdamW's `found_inf`,
         a masked Muon update), so the trainer need not wait for the loss before queueing the
         step: that host sync left the GPU idle while the optimizer was being launched. Without
-        fused AdamW (the CPU default) the flag is read on the host instead."""
+        fused AdamW (the CPU default) the flag is read on the host instead. Under torchrun it must
+        be the same on every rank (the trainer derives it from the all-reduced loss)."""
         self._skip = None
         if skip_if is not None:
             if self._fused(skip_if.device):

@@ -171,37 +171,50 @@ def _sharded_grads(step, rank, params):
     return [None if i in frozen else torch.randn(p.shape, generator=g) for i, p in enumerate(params)]
 
 
-def _sharded_worker(rank, world, init_file, out_dir):
+def _sharded_worker(rank, world, init_file, out_dir, backend):
     import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    device = torch.device(f"cuda:{rank}") if backend == "nccl" else torch.device("cpu")
+    if backend == "nccl":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         params, groups = _sharded_model_and_groups()
+        for p in params:
+            p.data = p.data.to(device)
         opt = MuonAdamW(groups)
-        for step in range(4):
+        for step in range(5):
             for p, grad in zip(params, _sharded_grads(step, rank, params)):
-                p.grad = grad
+                p.grad = None if grad is None else grad.to(device)
             if step == 2:  # the dynamic-suffix probe path: average first, then step without reducing
                 opt.reduce_grads()
                 opt.step(reduce_grads=False)
+            elif step == 4:  # a non-finite step on one rank: skipped on every rank (the flag is global)
+                if rank == 1:
+                    params[-1].grad[0, 0] = float("nan")
+                opt.step(skip_if=torch.tensor(True, device=device))
             else:
                 opt.step()
         owned = sorted(i for i, p in enumerate(params) if p in opt.state and "momentum_buffer" in opt.state[p])
-        torch.save({"params": [p.detach().clone() for p in params], "owned_muon": owned,
+        torch.save({"params": [p.detach().cpu().clone() for p in params], "owned_muon": owned,
                     "emb_state_rows": opt.state[params[0]]["exp_avg"].shape[0]}, f"{out_dir}/rank{rank}.pt")
-        dist.barrier()  # neither rank tears gloo down while the other still talks to it (SIGABRT)
+        dist.barrier()  # neither rank tears the group down while the other still talks to it (SIGABRT)
     finally:
         dist.destroy_process_group()
 
 
-def test_sharded_state_matches_one_process(tmp_path):
-    """2 gloo ranks with sharded optimizer state give the weights one process gets from the averaged
-    gradients, frozen (None-grad) steps and the reduce-first path included; each rank keeps only
-    its own Muon momenta and half of the embedding's AdamW moments."""
+@pytest.mark.parametrize("backend", ["gloo", pytest.param("nccl", marks=pytest.mark.gpu)])
+def test_sharded_state_matches_one_process(tmp_path, backend):
+    """2 ranks with sharded optimizer state give the weights one process gets from the averaged
+    gradients, frozen (None-grad) steps, the reduce-first path and a skipped step included; each
+    rank keeps only its own Muon momenta and half of the embedding's AdamW moments. gloo runs the
+    fallbacks on CPU; nccl (2 GPUs) runs reduce-scatter / in-place all-gather."""
     import torch.multiprocessing as mp
-    mp.spawn(_sharded_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    if backend == "nccl" and torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA GPUs")
+    mp.spawn(_sharded_worker, args=(2, str(tmp_path / "init"), str(tmp_path), backend), nprocs=2, join=True)
     params, groups = _sharded_model_and_groups()
     opt = MuonAdamW(groups)
-    for step in range(4):
+    for step in range(4):  # step 4 was skipped
         per_rank = [_sharded_grads(step, r, params) for r in range(2)]
         for p, g0, g1 in zip(params, *per_rank):
             p.grad = None if g0 is None else (g0 + g1) / 2
@@ -209,7 +222,9 @@ def test_sharded_state_matches_one_process(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for r in ranks:
         for i, (want, got) in enumerate(zip(params, r["params"])):
-            torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-6, msg=f"param {i}")
+            # GPU bf16 orthogonalisation rounds differently from the CPU reference
+            tol = dict(rtol=1e-5, atol=1e-6) if backend == "gloo" else dict(rtol=2e-2, atol=2e-3)
+            torch.testing.assert_close(got, want.detach(), **tol, msg=f"param {i}")
         assert r["emb_state_rows"] == 32
     # Muon matrices are params 7..11 (group index 0..4): rank 0 owns 0, 2, 4; rank 1 owns 1, 3.
     assert ranks[0]["owned_muon"] == [7, 9, 11] and ranks[1]["owned_muon"] == [8, 10]
