@@ -173,7 +173,7 @@ class MuonAdamW(torch.optim.Optimizer):
             for group in self.param_groups:
                 if group["kind"] == "adamw":
                     params = [p for p in group["params"] if p.grad is not None]
-                    self._adamw_update(group, params, [p.grad for p in params], [p for p in params])
+                    self._adamw_update(group, params, [p.grad for p in params], params)
                 else:
                     active = [p for p in group["params"] if p.grad is not None]
                     self._muon_update(group, group["params"], active, [p.grad for p in active])
@@ -231,6 +231,10 @@ class MuonAdamW(torch.optim.Optimizer):
                 self._adamw_update(group, ps, [p.grad for p in ps], ps)
 
     def _muon_sharded(self, group, active: list, comm: _Comm, reduce: bool):
+        """Matrix i of the group lives on rank i % W. Rank q's active matrices travel as rows
+        [q*k, q*k + n_q) of one (W*k, m, n) stack, k = the largest n_q (zero-padded), so one
+        reduce-scatter brings each rank its own gradients and one all-gather brings back everyone's
+        new weights."""
         W, r = comm.world, comm.rank
         index = {id(p): i for i, p in enumerate(group["params"])}
         owned_by = [[p for p in active if index[id(p)] % W == q] for q in range(W)]
