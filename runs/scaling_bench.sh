@@ -26,6 +26,14 @@ go() {  # name nproc args...
   echo "$name: exit $? $(grep -E '^done:' "$OUT_DIR/$name.log" | cut -c1-120)"
 }
 tok() { grep -oE "steady tok/s [0-9,]+" "$OUT_DIR/$1.log" | tr -dc 0-9; }
+# tokens / median step time (steps after the first): shows the rate without one-off stalls, which
+# the steady (mean) rate includes
+median_tok() { python - "$OUT_DIR/$1.log" "$2" <<'PY'
+import re, statistics, sys
+dts = [float(m) for m in re.findall(r"^step \d+/\d+ .*\| dt ([\d.]+)ms", open(sys.argv[1]).read(), re.M)][1:]
+print(int(int(sys.argv[2]) / (statistics.median(dts) / 1000)) if dts else 0)
+PY
+}
 IFS=';' read -r -a arm_list <<< "$ARMS"
 for arm in "${arm_list[@]}"; do
   name=${arm%%:*}; extra=${arm#*:}
@@ -37,10 +45,12 @@ done
 go same_batch_1gpu 1 --total-batch-size=$((32768 * NPROC)) --num-iterations=10
 go "same_batch_${NPROC}gpu" "$NPROC" --total-batch-size=$((32768 * NPROC)) --num-iterations=10
 echo
-printf "%-12s %14s %14s %8s\n" arm "1 GPU tok/s" "$NPROC GPUs tok/s" scaling
+printf "%-12s %14s %14s %8s   %s\n" arm "1 GPU tok/s" "$NPROC GPUs tok/s" scaling "(by median step: 1 GPU, $NPROC GPUs, scaling)"
 for arm in "${arm_list[@]}"; do
   name=${arm%%:*}; a=$(tok "${name}_1gpu"); b=$(tok "${name}_${NPROC}gpu")
-  python -c "a, b = ${a:-0}, ${b:-0}; print(f'{\"$name\":12s} {a:14,} {b:14,} {b / a if a else float(\"nan\"):7.3f}x')"
+  ma=$(median_tok "${name}_1gpu" 32768); mb=$(median_tok "${name}_${NPROC}gpu" $((32768 * NPROC)))
+  python -c "a, b, ma, mb = ${a:-0}, ${b:-0}, ${ma:-0}, ${mb:-0}; r = lambda x, y: x / y if y else float('nan')
+print(f'{\"$name\":12s} {a:14,} {b:14,} {r(b, a):7.3f}x   ({ma:,}, {mb:,}, {r(mb, ma):.3f}x)')"
 done
 echo "same total batch, loss per step (1 GPU x $NPROC accumulation | $NPROC GPUs):"
 paste <(grep -oE "^step [0-9]+/10 \| loss [0-9.]+" "$OUT_DIR/same_batch_1gpu.log") \
