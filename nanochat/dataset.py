@@ -42,6 +42,11 @@ import pyarrow.parquet as pq
 from nanochat.common import get_base_dir, print0
 
 
+def _one_line(e: BaseException) -> str:
+    """`Type: message` with pyarrow's multi-line details joined, so an error stays one line."""
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
+
+
 class DataError(Exception):
     """A shard or data directory is unusable (missing, corrupt, truncated, wrong schema).
 
@@ -202,7 +207,7 @@ def open_shard(path: str) -> pq.ParquetFile:
     try:
         pf = pq.ParquetFile(path)
     except (pa.ArrowException, OSError, ValueError) as e:
-        raise DataError(f"{path}: corrupt or truncated parquet shard ({type(e).__name__}: {e}); "
+        raise DataError(f"{path}: corrupt or truncated parquet shard ({_one_line(e)}); "
                         f"delete it and re-download") from e
     names = pf.schema_arrow.names
     if TEXT_COLUMN not in names:
@@ -218,7 +223,7 @@ def read_row_group_texts(pf: pq.ParquetFile, rg_idx: int, path: str) -> list[str
     try:
         table = pf.read_row_group(rg_idx, columns=[TEXT_COLUMN])
     except (pa.ArrowException, OSError, ValueError) as e:
-        raise DataError(f"{path}: row group {rg_idx} is unreadable ({type(e).__name__}: {e}); "
+        raise DataError(f"{path}: row group {rg_idx} is unreadable ({_one_line(e)}); "
                         f"delete the shard and re-download") from e
     return [t for t in table.column(TEXT_COLUMN).to_pylist() if t]
 

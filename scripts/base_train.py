@@ -37,6 +37,7 @@ from nanochat.common import (UsageError, autodetect_device_type, compute_cleanup
                              get_base_dir, get_dist_info, get_peak_flops, init_wandb, print0, run_provenance)
 from nanochat.core_eval import BundleError, ensure_eval_bundle, evaluate_core, load_bundle
 from nanochat.dataloader import build_eval_loader, build_train_loader, train_resume_state
+from nanochat.dataset import DataError
 from nanochat.debug import (GracefulStop, LossSpikeDetector, NonFiniteGuard, PhaseMemory, any_rank,
                             fault_injection_from_env, format_names, nonfinite_tensors)
 from nanochat.dynamic_suffix import DynamicSuffixConfig, DynamicSuffixController
@@ -938,4 +939,11 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DataError as e:
+        # An unreadable shard (corrupt, truncated, wrong schema) found while reading data: the
+        # message names the file. Mid-run, the last saved checkpoint is untouched (resume after
+        # replacing the file); a half-done step cannot be saved.
+        print(f"base_train: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)

@@ -70,6 +70,28 @@ def test_missing_tokenizer_is_a_clear_error(tmp_path):
     assert "tok_train" in out.stderr
 
 
+def test_a_corrupt_train_shard_is_one_line_naming_the_file(tmp_path_factory, tiny_tokenizer):
+    """A train shard whose footer is intact but whose data pages are garbage is found only when its
+    row group is read: base_train stops with one line that names the file, no traceback."""
+    base = base_with_tokenizer(tmp_path_factory, "corrupt_base", tiny_tokenizer)
+    data_dir = os.path.join(base, "base_data")
+    os.makedirs(data_dir)
+    from nanochat.dataset import SAMPLE_DIR
+    for name in sorted(os.listdir(SAMPLE_DIR)):
+        if name.endswith(".parquet"):
+            shutil.copy(os.path.join(SAMPLE_DIR, name), data_dir)
+    train_shard = os.path.join(data_dir, "shard_00000.parquet")
+    raw = bytearray(open(train_shard, "rb").read())
+    for k in range(4, min(len(raw) - 4096, 200_000)):
+        raw[k] ^= 0xFF
+    with open(train_shard, "wb") as f:
+        f.write(bytes(raw))
+    out = run(["-m", "scripts.base_train", *TINY, "--num-iterations=2"], base, check=False)
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and "shard_00000.parquet" in out.stderr
+    assert out.stderr.strip().count("\n") == 0, out.stderr  # one line
+
+
 DYN = ["--block-update-schedule=dynamic_suffix", "--dyn-warmup-steps=2", "--dyn-probe-every=3",
        "--dyn-refresh-every=-1", "--dyn-relevance-threshold=0.5", "--dyn-log-every=1"]
 
