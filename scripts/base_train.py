@@ -938,12 +938,21 @@ def main():
     compute_cleanup()
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """`main()` with the failures a user can act on turned into one line instead of a traceback.
+    Mid-run, the last saved checkpoint is untouched; a half-done step cannot be saved."""
     try:
         main()
-    except DataError as e:
-        # An unreadable shard (corrupt, truncated, wrong schema) found while reading data: the
-        # message names the file. Mid-run, the last saved checkpoint is untouched (resume after
-        # replacing the file); a half-done step cannot be saved.
+    except DataError as e:  # an unreadable shard (corrupt, truncated, wrong schema): names the file
         print(f"base_train: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except torch.OutOfMemoryError as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        print(f"base_train: error: out of device memory ({first}); lower --device-batch-size (the total batch "
+              f"stays the same, with more accumulation steps) or use --lm-ce-backend=chunked; --dry-run "
+              f"estimates the peak", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    cli()

@@ -335,6 +335,33 @@ def test_debug_nan_names_the_tensor_and_too_many_bad_steps_stop(trained_base):
     assert sorted(os.listdir(ckpt_dir(trained_base, "nanname"))) == ["step_000002"]
 
 
+def test_out_of_memory_is_one_line_with_what_to_change(trained_base, tmp_path):
+    """A device OOM (simulated: the forward raises torch.OutOfMemoryError at step 2) ends the run
+    with one line naming the knobs that help, exit 1, no traceback."""
+    script = tmp_path / "oom.py"
+    script.write_text(
+        "import sys\n"
+        "import torch\n"
+        "from nanochat.gpt import GPT\n"
+        "from scripts import base_train\n"
+        "orig, calls = GPT.forward, [0]\n"
+        "def forward(self, *a, **k):\n"
+        "    calls[0] += 1\n"
+        "    if torch.is_grad_enabled() and calls[0] > 4:\n"
+        "        raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB.\\nmore details')\n"
+        "    return orig(self, *a, **k)\n"
+        "GPT.forward = forward\n"
+        "sys.argv = ['base_train', *sys.argv[1:]]\n"
+        "base_train.cli()\n")
+    out = run([str(script), *TINY, "--num-iterations=5", "--eval-every=-1", "--model-tag=oom"], trained_base,
+              check=False, env={"PYTHONPATH": ROOT})
+    assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    line = out.stderr.strip()
+    assert "\n" not in line and "out of device memory (CUDA out of memory. Tried to allocate 2.00 GiB.)" in line
+    assert "--device-batch-size" in line and "--dry-run" in line
+
+
 def test_keep_last_k_and_resume_latest_after_a_kill_during_save(trained_base):
     run(["-m", "scripts.base_train", *TINY, "--num-iterations=4", "--eval-every=-1", "--save-every=1",
          "--keep-last-k=2", "--model-tag=keep"], trained_base)
