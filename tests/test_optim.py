@@ -230,12 +230,15 @@ def test_sharded_state_matches_one_process(tmp_path, backend):
     assert ranks[0]["owned_muon"] == [7, 9, 11] and ranks[1]["owned_muon"] == [8, 10]
 
 
-def test_device_side_skip_changes_nothing_and_otherwise_equals_a_plain_step():
-    """step(skip_if=flag) with fused AdamW (the CUDA path; CPU has a fused kernel too) decides on
-    the device: a True flag with NaN/Inf gradients leaves weights and every state tensor (step
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_device_side_skip_changes_nothing_and_otherwise_equals_a_plain_step(device):
+    """step(skip_if=flag) with fused AdamW (the CUDA default; CPU has a fused kernel too) decides
+    on the device: a True flag with NaN/Inf gradients leaves weights and every state tensor (step
     counts included) bit-identical; a False flag gives exactly the plain step."""
     params, groups = _sharded_model_and_groups()
     twin, twin_groups = _sharded_model_and_groups()
+    for p in params + twin:
+        p.data = p.data.to(device)
     opt = MuonAdamW(groups, fused_adamw=True)
     ref = MuonAdamW(twin_groups, fused_adamw=True)
 
@@ -245,16 +248,16 @@ def test_device_side_skip_changes_nothing_and_otherwise_equals_a_plain_step():
     for step in range(4):
         grads = _sharded_grads(step, 0, params)
         for p, q, g in zip(params, twin, grads):
-            p.grad = None if g is None else g.clone()
-            q.grad = None if g is None else g.clone()
+            p.grad = None if g is None else g.to(device, copy=True)
+            q.grad = None if g is None else g.to(device, copy=True)
         if step == 2:
             params[0].grad[0, 0] = float("nan")
             params[-1].grad[1, 1] = float("inf")
             before = snapshot()
-            opt.step(skip_if=torch.tensor(True))
+            opt.step(skip_if=torch.tensor(True, device=device))
             assert all(torch.equal(a, b) for a, b in zip(before, snapshot()))
             continue
-        opt.step(skip_if=torch.tensor(False))
+        opt.step(skip_if=torch.tensor(False, device=device))
         ref.step()
         for p, q in zip(params, twin):
             assert torch.equal(p, q)
