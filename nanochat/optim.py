@@ -91,6 +91,15 @@ class _Comm:
             dist.all_reduce(t)
             t /= self.world
 
+    def all_reduce_avg_flat(self, tensors: list[torch.Tensor]) -> None:
+        """Average `tensors` in place with one collective per dtype (few large messages instead
+        of one per tensor); dtypes in a fixed order, so every rank issues the same sequence."""
+        for dtype in sorted({t.dtype for t in tensors}, key=str):
+            same = [t for t in tensors if t.dtype == dtype]
+            flat = torch.cat([t.reshape(-1) for t in same])
+            self.all_reduce_avg(flat)
+            torch._foreach_copy_(same, [f.view_as(t) for f, t in zip(flat.split([t.numel() for t in same]), same)])
+
     def reduce_scatter_avg(self, full: torch.Tensor) -> torch.Tensor:
         """full: (W * n, ...) with rank q's part at rows [q*n, (q+1)*n) -> this rank's part, averaged."""
         n = full.size(0) // self.world
@@ -189,14 +198,7 @@ class MuonAdamW(torch.optim.Optimizer):
         rank must hold gradients for the same parameters: tensors are paired by position."""
         if not _distributed():
             return
-        comm = _Comm()
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        # One flat buffer per dtype: few large collectives instead of one per parameter.
-        for dtype in sorted({g.dtype for g in grads}, key=str):  # the same order on every rank
-            same = [g for g in grads if g.dtype == dtype]
-            flat = torch.cat([g.reshape(-1) for g in same])
-            comm.all_reduce_avg(flat)
-            torch._foreach_copy_(same, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in same]), same)])
+        _Comm().all_reduce_avg_flat([p.grad for g in self.param_groups for p in g["params"] if p.grad is not None])
 
     # -------------------------------------------------------------- sharded
     def _sharded_step(self, comm: _Comm, reduce: bool):
@@ -210,8 +212,9 @@ class MuonAdamW(torch.optim.Optimizer):
             if not active:
                 continue
             if group["kind"] == "adamw":
-                shard = [p for p in active if p.size(0) % W == 0 and p.numel() // W >= _MIN_SHARD_NUMEL]
-                rest = [p for p in active if all(p is not q for q in shard)]
+                shardable = [p.size(0) % W == 0 and p.numel() // W >= _MIN_SHARD_NUMEL for p in active]
+                shard = [p for p, ok in zip(active, shardable) if ok]
+                rest = [p for p, ok in zip(active, shardable) if not ok]
                 if rest:
                     small.append((group, rest))
                 for p in shard:
@@ -223,10 +226,7 @@ class MuonAdamW(torch.optim.Optimizer):
                 self._muon_sharded(group, active, comm, reduce)
         if small:
             if reduce:  # one all-reduce for all of them
-                grads = [p.grad for _, ps in small for p in ps]
-                flat = torch.cat([g.reshape(-1) for g in grads])
-                comm.all_reduce_avg(flat)
-                torch._foreach_copy_(grads, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)])
+                comm.all_reduce_avg_flat([p.grad for _, ps in small for p in ps])
             for group, ps in small:
                 self._adamw_update(group, ps, [p.grad for p in ps], ps)
 

@@ -755,13 +755,12 @@ def main():
             # With FP8 the frozen prefix also runs from its weight caches: warm that variant too
             # (measured: a 4.5 s stall at the first suffix step on 2 H200s without it).
             warm_start = model_config.n_layer - 1
-            if args.fp8:
+            if args.fp8:  # (the switch below turns these caches off again for this step's suffix)
                 set_fp8_weight_cache(model, True, modules=list(model.transformer.h[:warm_start]))
+                frozen_fp8 = warm_start
             with autocast_ctx:
                 model(x, y, active_start=warm_start).backward()
             model.zero_grad(set_to_none=True)
-            if args.fp8:
-                set_fp8_weight_cache(model, False)
         active_start = dyn.active_start(step) if dyn else 0
         if args.fp8 and active_start != frozen_fp8:
             # Frozen prefix weights do not change until the next full step: quantise them once per
@@ -944,8 +943,7 @@ def cli() -> None:
     try:
         main()
     except DataError as e:  # an unreadable shard (corrupt, truncated, wrong schema): names the file
-        print(f"base_train: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        fail([str(e)])
     except torch.OutOfMemoryError as e:
         first = (str(e).strip().splitlines() or [""])[0]
         print(f"base_train: error: out of device memory ({first}); lower --device-batch-size (the total batch "
