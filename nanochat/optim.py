@@ -55,11 +55,12 @@ _POLAR_EXPRESS_COEFFS = (
 _MIN_SHARD_NUMEL = 1024
 
 
-def orthogonalize(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """Approximate the orthogonal polar factor U V^T of each matrix in G: (..., m, n), in bf16.
+def orthogonalize(G: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Approximate the orthogonal polar factor U V^T of each matrix in G: (..., m, n), in `dtype`
+    (bf16 in training; fp32 makes CPU regression tests independent of the CPU's bf16 GEMM rounding).
 
     Works on the wide orientation (m <= n) so that the Gram matrix X X^T is the small one."""
-    X = G.bfloat16()
+    X = G.to(dtype)
     transposed = X.size(-2) > X.size(-1)
     if transposed:
         X = X.mT

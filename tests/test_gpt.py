@@ -186,3 +186,29 @@ def test_a_failing_backward_compile_also_falls_back_before_anything_ran(capsys):
     out = capsys.readouterr().out
     assert out.count("WARNING: torch.compile failed") == 1 and "EAGERLY" in out
 
+
+
+def test_regional_compile_graph_count():
+    """Compile cost is counted in graphs: a full training step needs exactly one block graph and one
+    head graph (block 0 must not get its own because its residual input aliases x0), an evaluation
+    forward one more of each, a suffix step only the block variant whose input needs no grad
+    (the frozen prefix reuses the evaluation graph), and further active_start values nothing."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    m = make_model()
+    x, y = batch()
+    torch._dynamo.reset()
+    counters.clear()
+    m.compile_regions(backend="eager")
+    seen = []
+    m(x, y).backward()
+    seen.append(counters["stats"]["unique_graphs"])
+    with torch.no_grad():
+        m(x, y)
+    seen.append(counters["stats"]["unique_graphs"])
+    for a in (2, 1, 3, 0):
+        m(x, y, active_start=a).backward()
+        seen.append(counters["stats"]["unique_graphs"])
+    torch._dynamo.reset()
+    assert seen == [2, 4, 5, 5, 5, 5]
