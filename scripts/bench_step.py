@@ -2,8 +2,9 @@
 
     python -m scripts.bench_step --depth=12 --max-seq-len=1024 --device-batch-size=32
     python -m scripts.bench_step --active-starts=0,3,6,9 --compile=regional,whole --profile
+    python -m scripts.bench_step --fp8=off,custom,torchao --profile
 
-For each (compile mode, orthogonaliser mode, active_start) it reports the time of the first call
+For each (compile mode, orthogonaliser mode, FP8 backend, active_start) it reports the time of the first call
 (and of its forward+backward alone: the rest is the optimizer's compile), the median step time over
 --steps timed steps (after --warmup), tok/s and peak memory; with --profile it also
 prints the top CUDA kernels of a full step. Steps include the optimizer (MuonAdamW), as in
@@ -17,6 +18,7 @@ import time
 import torch
 import torch._dynamo
 
+from nanochat.fp8 import Fp8Options, convert_to_fp8
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import MuonAdamW
 
@@ -35,8 +37,12 @@ def parse():
     p.add_argument("--active-starts", type=str, default="0", help="comma-separated active_start values")
     p.add_argument("--compile", type=str, default="regional", help="comma-separated: regional, whole, none")
     p.add_argument("--muon-active-only-stack", action="store_true")
-    p.add_argument("--ortho", type=str, default="compiled",
+    p.add_argument("--ortho", type=str, default="eager",
                    help="comma-separated: compiled, eager (the Muon orthogonaliser; each gets its own model)")
+    p.add_argument("--fp8", type=str, default="off",
+                   help="comma-separated: off, custom, custom-traced (= --fp8-no-allow-in-graph), torchao "
+                        "(FP8 linears, tensorwise, base_train's default filter)")
+    p.add_argument("--fp8-exclude-regex", type=str, default=None, help="as base_train's flag")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one full step")
@@ -45,7 +51,7 @@ def parse():
     return p.parse_args()
 
 
-def build(args, device, compile_ortho=True):
+def build(args, device, compile_ortho=True, fp8="off"):
     dim = ((args.depth * args.aspect_ratio + args.head_dim - 1) // args.head_dim) * args.head_dim
     cfg = GPTConfig(sequence_len=args.max_seq_len, vocab_size=args.vocab_size, n_layer=args.depth,
                     n_head=dim // args.head_dim, n_kv_head=dim // args.head_dim, n_embd=dim,
@@ -57,6 +63,12 @@ def build(args, device, compile_ortho=True):
     model.compute_dtype = torch.bfloat16
     model.attn_backend = args.attn_backend
     model.lm_ce_backend = args.lm_ce_backend
+    if fp8 != "off":
+        opts = Fp8Options(enabled=True, backend=fp8.split("-")[0], no_allow_in_graph=fp8.endswith("-traced"),
+                          exclude_regex=args.fp8_exclude_regex)
+        if args.lm_ce_backend == "chunked":
+            opts.skip_lm_head = True  # as base_train: the chunked CE reads the weight directly
+        print(convert_to_fp8(model, opts).summary(), flush=True)
     opt = MuonAdamW(model.param_groups(unembedding_lr=0.001, embedding_lr=0.07, matrix_lr=0.005, scalar_lr=0.1,
                                        weight_decay=0.05), active_only_stack=args.muon_active_only_stack,
                     compile_orthogonalize=compile_ortho)
@@ -77,11 +89,13 @@ def main():
     x = torch.randint(0, args.vocab_size, (B, T), device=device)
     y = torch.randint(0, args.vocab_size, (B, T), device=device)
     rows = []
-    variants = [(mode, ortho) for mode in args.compile.split(",") for ortho in args.ortho.split(",")]
-    for mode, ortho in variants:
+    variants = [(mode, ortho, fp8) for mode in args.compile.split(",") for ortho in args.ortho.split(",")
+                for fp8 in args.fp8.split(",")]
+    for mode, ortho, fp8 in variants:
         torch._dynamo.reset()
         torch.manual_seed(0)
-        model, opt = build(args, device, compile_ortho=(ortho == "compiled"))
+        model, opt = build(args, device, compile_ortho=(ortho == "compiled"), fp8=fp8)
+        name = f"{mode}/{ortho}" + ("" if fp8 == "off" else f"/fp8-{fp8}")
         fwd = model
         if mode == "regional":
             model.compile_regions(dynamic=False)
@@ -120,9 +134,9 @@ def main():
                 times.append(time.time() - t0)
             med = statistics.median(times)
             base = base or med
-            rows.append((f"{mode}/{ortho}", a, first, first_model, med * 1000, B * T / med, med / base,
+            rows.append((name, a, first, first_model, med * 1000, B * T / med, med / base,
                          torch.cuda.max_memory_allocated() / 2**30))
-            print(f"{mode}/{ortho} active_start={a:2d}: first call {first:6.1f}s (model {first_model:.1f}s), "
+            print(f"{name} active_start={a:2d}: first call {first:6.1f}s (model {first_model:.1f}s), "
                   f"median {med * 1000:7.2f} ms", flush=True)
             if args.profile and a == 0:
                 from torch.profiler import ProfilerActivity, profile
@@ -130,13 +144,13 @@ def main():
                     for _ in range(3):
                         step()
                     torch.cuda.synchronize()
-                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70))
         model = opt = fwd = None  # free this compile mode's model before building the next
         torch.cuda.empty_cache()
-    print(f"\n{'compile/ortho':18s} {'active':>6s} {'first_s':>8s} {'model_s':>8s} {'step_ms':>8s} {'tok/s':>10s} "
+    print(f"\n{'compile/ortho/fp8':26s} {'active':>6s} {'first_s':>8s} {'model_s':>8s} {'step_ms':>8s} {'tok/s':>10s} "
           f"{'vs_a0':>6s} {'peak_GiB':>8s}")
     for name, a, first, first_model, ms, tps, ratio, mem in rows:
-        print(f"{name:18s} {a:6d} {first:8.1f} {first_model:8.1f} {ms:8.2f} {tps:10,.0f} {ratio:6.3f} {mem:8.2f}")
+        print(f"{name:26s} {a:6d} {first:8.1f} {first_model:8.1f} {ms:8.2f} {tps:10,.0f} {ratio:6.3f} {mem:8.2f}")
 
 
 if __name__ == "__main__":
