@@ -310,16 +310,15 @@ class MuonAdamW(torch.optim.Optimizer):
             torch._foreach_lerp_(bufs, grads, 1 - momentum)
         directions = torch._foreach_lerp(grads, bufs, momentum)
 
-        if self.active_only_stack:
-            stack = torch.stack(directions)
-            rows = list(range(len(active)))
+        if self.active_only_stack or len(active) == len(all_params):
+            ortho = self._orthogonalize_stack(torch.stack(directions))
         else:
-            # Whole group, zeros for the frozen members: same results, more work.
+            # Whole group, zeros for the frozen members: same results, more work. (Indexing with
+            # the row list costs a host-to-device copy and a gather: only done when rows are missing.)
             index = {id(p): i for i, p in enumerate(active)}
             full = [directions[index[id(p)]] if id(p) in index else torch.zeros_like(p) for p in all_params]
-            stack = torch.stack(full)
             rows = [i for i, p in enumerate(all_params) if id(p) in index]
-        ortho = self._orthogonalize_stack(stack)[rows]
+            ortho = self._orthogonalize_stack(torch.stack(full))[rows]
 
         m, n = active[0].shape
         scale = max(1.0, m / n) ** 0.5

@@ -463,6 +463,7 @@ def main():
         # eager 67.50 ms/step vs compiled 68.53 ms, and compiling cost 7 s in the cold first step.
         compile_orthogonalize=False,
     )
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # every model parameter once
     if resuming:
         # load_state_dict would also restore the saved groups' hyper-parameters; this run's flags win
         # (identical values, as in an exact resume, change nothing).
@@ -842,6 +843,11 @@ def main():
             if group["kind"] == "muon":
                 group["momentum"] = muon_momentum(step)
         optimizer.step(reduce_grads=not grads_reduced, skip_if=~torch.isfinite(loss_mean))
+        # Host work that needs no result goes here, while the GPU still runs the step: after the
+        # loss read below the GPU idles until the next step's first kernels are launched (a
+        # profile showed nn.Module.zero_grad's parameter walk in that gap; this loop is ~50x cheaper).
+        for p in params:
+            p.grad = None
         if train_loss is None:
             train_loss = loss_mean.item()  # the one host sync of the step, with the optimizer queued
             if problem := guard.check_before_step(train_loss):  # the step above was a no-op
@@ -856,7 +862,6 @@ def main():
                    f"The last saved checkpoint is untouched.")
             compute_cleanup()
             sys.exit(1)
-        model.zero_grad(set_to_none=True)
         if scores is not None:
             dyn.update(step, scores)  # one host sync, after the optimizer work has been queued
             for w in dyn.pop_warnings():
