@@ -150,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--muon-active-only-stack", action="store_true",
                    help="orthogonalise only matrices that have gradients (frozen blocks are skipped instead of stacked as zeros)")
     g.add_argument("--muon-stack-chunk-size", type=int, default=0,
-                   help="orthogonalise stacked matrices in fixed-size chunks (padded) so compiled steps never recompile (0 = no chunking)")
+                   help="orthogonalise stacked matrices in chunks of this many (the last padded): bounds the orthogonaliser's "
+                        "temporary memory and keeps its shapes fixed (0 = one stack per matrix shape)")
     g = p.add_argument_group("lm-head cross-entropy")
     g.add_argument("--lm-ce-backend", type=str, default="baseline", choices=["baseline", "chunked"],
                    help="baseline materialises the full fp32 logits; chunked never does (exact grads, far less memory)")
