@@ -184,8 +184,8 @@ def _scaled_mm_kernel(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, s
 
 # The op is defined with the low-level `torch.library.Library` API rather than the
 # `torch.library.custom_op` decorator: both give compile an opaque graph node, but the decorator's
-# wrapper layers cost about twice the host time per call (measured on CPU: ~28 vs ~13 us over a
-# plain `torch._scaled_mm` call), and a d12 step makes 219 of these calls while the GPU waits.
+# wrapper layers cost several times the host time per call (measured on CPU, noisy: ~28 us vs 7-13 us
+# over a plain `torch._scaled_mm` call), and a d12 step makes 219 of these calls while the GPU waits.
 _LIB = torch.library.Library("nanochat_fp8", "DEF")
 _LIB.define("scaled_mm(Tensor a, Tensor b, Tensor scale_a, Tensor scale_b, ScalarType out_dtype, "
             "bool use_fast_accum) -> Tensor")

@@ -344,7 +344,6 @@ class GPT(nn.Module):
             with torch.no_grad():
                 for block in blocks[:active_start]:
                     x = self._run_region(lambda: block(x, x0_frozen, cos, sin, self.attn_backend))
-            x = x.detach()
         for block in blocks[active_start:]:
             x = self._run_region(lambda: block(x, x0, cos, sin, self.attn_backend))
         if targets is None:
