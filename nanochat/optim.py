@@ -55,25 +55,63 @@ _POLAR_EXPRESS_COEFFS = (
 _MIN_SHARD_NUMEL = 1024
 
 
-def orthogonalize(G: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """Approximate the orthogonal polar factor U V^T of each matrix in G: (..., m, n), in `dtype`
-    (bf16 in training; fp32 makes CPU regression tests independent of the CPU's bf16 GEMM rounding).
+def _unit(X: torch.Tensor, dims) -> torch.Tensor:
+    """Scale each matrix to Frobenius norm just under 1, so its spectral norm is <= 1."""
+    return X / (X.norm(dim=dims, keepdim=True) * 1.02 + 1e-6)
 
-    Works on the wide orientation (m <= n) so that the Gram matrix X X^T is the small one."""
-    X = G.to(dtype)
-    transposed = X.size(-2) > X.size(-1)
-    if transposed:
-        X = X.mT
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
+
+def _polar_express(X: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """The Polar Express iteration on normalised, wide matrices X: (..., m, n), m <= n."""
     for a, b, c in _POLAR_EXPRESS_COEFFS[:steps]:
         A = X @ X.mT
         # B = b*A + c*A@A and X = a*X + B@X as baddbmm: the scale-and-add runs in the GEMM's
         # epilogue (fp32 accumulate, one rounding) instead of as separate passes over memory.
         B = torch.baddbmm(A, A, A, beta=b, alpha=c) if A.dim() == 3 else torch.addmm(A, A, A, beta=b, alpha=c)
         X = torch.baddbmm(X, B, X, beta=a) if X.dim() == 3 else torch.addmm(X, B, X, beta=a)
-    if transposed:
-        X = X.mT
     return X
+
+
+def orthogonalize(G: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Approximate the orthogonal polar factor U V^T of each matrix in G: (..., m, n), in `dtype`
+    (bf16 in training; fp32 makes CPU regression tests independent of the CPU's bf16 GEMM rounding)."""
+    X = G.to(dtype)
+    tall = X.size(-2) > X.size(-1)
+    X = _polar_express(_unit(X.mT if tall else X, (-2, -1)), steps)  # the wide orientation: X X^T is small
+    return X.mT if tall else X
+
+
+def _muon_prepare(grads: torch.Tensor, bufs: torch.Tensor, momentum: torch.Tensor, ok: torch.Tensor | None,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Everything Muon does before the Polar Express GEMMs, on (k, m*n) stacks of flattened
+    gradients and momentum buffers: Nesterov momentum (new buffer = lerp(buf, g, 1 - m), direction
+    = lerp(g, new buffer, m)), the cast to `dtype` and `_unit`. Returns (new buffers, directions).
+
+    With `ok` (the device-side skip flag, False = skip) non-finite gradients are zeroed and the
+    buffers do not move when `ok` is False. Flat stacks on purpose: compiled, this is two fused
+    kernels instead of ~8 eager passes, and one graph serves every matrix shape. `momentum` is a
+    0-dim tensor, not a float: a Python float that changes every step made the compiled graph
+    recompile each step, or (in one variant we tried on torch 2.13) silently keep its first value."""
+    if ok is not None:
+        grads = torch.where(ok, grads, 0.0)
+        new_bufs = bufs.lerp(grads, (1 - momentum) * ok.to(bufs.dtype))
+    else:
+        new_bufs = bufs.lerp(grads, 1 - momentum)
+    return new_bufs, _unit(grads.lerp(new_bufs, momentum).to(dtype), -1)
+
+
+def _muon_apply(weights: torch.Tensor, update: torch.Tensor, ok: torch.Tensor | None, decay: torch.Tensor | None,
+                step: torch.Tensor) -> torch.Tensor:
+    """Everything Muon does after the Polar Express GEMMs: the new (k, m, n) weights from the
+    orthogonalised directions (same shape, `dtype`): cautious weight decay by the factor `decay`
+    (= lr * weight_decay; None = no decay) on the coordinates where the update and the weight agree
+    in sign, then the update times `step` (= lr * shape scale). 0-dim tensors, as in
+    `_muon_prepare`. With `ok` False the update, and so the decay, is zero."""
+    update = update.to(weights.dtype)
+    if ok is not None:
+        update = update * ok.to(weights.dtype)
+    if decay is not None:
+        weights = weights - weights * ((update * weights) > 0) * decay
+    return weights - update * step
 
 
 class _Comm:
@@ -125,6 +163,13 @@ class _Comm:
         full.copy_(torch.cat(parts))
 
 
+def _no_duck_shapes():
+    """While compiling the fused Muon functions: do not guard on equal sizes being equal (a square
+    group would otherwise compile its own graphs beside the rectangular ones)."""
+    import torch.fx.experimental._config as fx_config
+    return fx_config.patch(use_duck_shape=False)
+
+
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -139,7 +184,8 @@ class MuonAdamW(torch.optim.Optimizer):
     that the ranks agree on the trained suffix)."""
 
     def __init__(self, groups: list[dict], *, active_only_stack: bool = True, stack_chunk_size: int = 0,
-                 compile_orthogonalize: bool = False, compile_backend="inductor", fused_adamw: bool | None = None):
+                 compile_orthogonalize: bool = False, compile_backend="inductor", fused_adamw: bool | None = None,
+                 fuse_elementwise: bool | None = None):
         defaults = dict(lr=0.0, weight_decay=0.0)
         super().__init__(groups, defaults)
         for g in self.param_groups:
@@ -155,8 +201,20 @@ class MuonAdamW(torch.optim.Optimizer):
         self.active_only_stack = active_only_stack
         self.stack_chunk_size = stack_chunk_size
         self._compiled = compile_orthogonalize
-        self._ortho = torch.compile(orthogonalize, dynamic=False, backend=compile_backend) if compile_orthogonalize \
-            else orthogonalize
+        self._polar = torch.compile(_polar_express, dynamic=False, backend=compile_backend) if compile_orthogonalize \
+            else _polar_express
+        self.ortho_dtype = torch.bfloat16  # fp32 in CPU regression tests (bf16 GEMM rounding differs by CPU)
+        # Muon's elementwise work around the GEMMs (momentum, cast, normalisation; decay, update)
+        # compiled into a few fused kernels: eager it is ~15 passes over every matrix, ~4 ms per
+        # step at d12 on an H100. Default: on when the parameters are on CUDA. dynamic=True: one
+        # graph serves every stack size and matrix shape, and the learning rate, momentum and decay
+        # are graph inputs, so their per-step changes never recompile.
+        if fuse_elementwise is None:
+            fuse_elementwise = any(p.is_cuda for g in self.param_groups for p in g["params"])
+        self.fuse_elementwise = fuse_elementwise
+        compile_ew = (lambda f: torch.compile(f, dynamic=True, backend=compile_backend)) if fuse_elementwise \
+            else (lambda f: f)
+        self._prepare, self._apply = compile_ew(_muon_prepare), compile_ew(_muon_apply)
         self._fused_adamw = fused_adamw
         self._skip = None  # this step's device-side skip flag (see step)
 
@@ -298,46 +356,49 @@ class MuonAdamW(torch.optim.Optimizer):
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p)
             bufs.append(state["momentum_buffer"])
-        ok = None
-        if self._skip is not None:
-            # Device-side skip: zero the (possibly non-finite) gradients and make every change
-            # below a multiple of `ok`, so that a skipped step changes nothing at all.
-            ok = ~self._skip
-            grads = [torch.where(ok, g, 0.0) for g in grads]
-            torch._foreach_lerp_(bufs, grads, [(1 - momentum) * ok.to(b.dtype) for b in bufs])
-        else:
-            # Nesterov momentum: buf <- m*buf + (1-m)*g ; update direction = (1-m)*g + m*buf.
-            torch._foreach_lerp_(bufs, grads, 1 - momentum)
-        directions = torch._foreach_lerp(grads, bufs, momentum)
-
-        if self.active_only_stack or len(active) == len(all_params):
-            ortho = self._orthogonalize_stack(torch.stack(directions))
+        ok = None if self._skip is None else ~self._skip
+        k, (m, n) = len(active), active[0].shape
+        # Hyper-parameters as 0-dim device tensors (see _muon_prepare); torch.full launches a fill
+        # with the value as a kernel argument: no host-to-device copy, no sync.
+        dev = active[0].device
+        momentum = torch.full((), momentum, device=dev)
+        decay = torch.full((), lr * wd, device=dev) if wd != 0.0 else None
+        step = torch.full((), lr * max(1.0, m / n) ** 0.5, device=dev)
+        with _no_duck_shapes():
+            # (stacks of flat views: fresh tensors, not views, like the padded ones, so one graph fits both)
+            new_bufs, X = self._prepare(self._pad(torch.stack([g.view(-1) for g in grads])),
+                                        self._pad(torch.stack([b.view(-1) for b in bufs])), momentum, ok,
+                                        self.ortho_dtype)
+        torch._foreach_copy_(bufs, list(new_bufs[:k].view(-1, m, n).unbind(0)))
+        X = X.view(-1, m, n)
+        X = X.mT if m > n else X  # the wide orientation, where the Gram matrix X X^T is the small one
+        if self.active_only_stack or k == len(all_params):
+            X = self._polar_stack(X)
         else:
             # Whole group, zeros for the frozen members: same results, more work. (Indexing with
             # the row list costs a host-to-device copy and a gather: only done when rows are missing.)
             index = {id(p): i for i, p in enumerate(active)}
-            full = [directions[index[id(p)]] if id(p) in index else torch.zeros_like(p) for p in all_params]
             rows = [i for i, p in enumerate(all_params) if id(p) in index]
-            ortho = self._orthogonalize_stack(torch.stack(full))[rows]
-
-        m, n = active[0].shape
-        scale = max(1.0, m / n) ** 0.5
-        update = ortho.to(active[0].dtype)
-        weights = torch.stack(active)
-        if ok is not None:
-            update = update * ok.to(weights.dtype)
-        if wd != 0.0:
-            # Cautious weight decay: only where the update and the weight have the same sign (on a
-            # skipped step the update is zero, so nothing decays either).
-            mask = (update * weights) > 0
-            weights.sub_(weights * mask * (lr * wd))
-        weights.sub_(update, alpha=lr * scale)
+            full = X.new_zeros((len(all_params), *X.shape[1:]))
+            full[rows] = X[:k]
+            X = self._pad(self._polar_stack(full)[rows])
+        with _no_duck_shapes():
+            weights = self._apply(self._pad(torch.stack(active)), X.mT if m > n else X, ok, decay, step)[:k]
         if not write_back:
             return weights
         torch._foreach_copy_(active, list(weights.unbind(0)))
         return None
 
-    def _orthogonalize_stack(self, stack: torch.Tensor) -> torch.Tensor:
+    def _pad(self, stack: torch.Tensor) -> torch.Tensor:
+        """A lone matrix gets a zero partner when the elementwise work is compiled: dynamo
+        specialises size-1 dimensions, and a one-block suffix would otherwise compile graphs of its
+        own mid-run (callers slice the results back to the real count)."""
+        if stack.size(0) == 1 and self.fuse_elementwise:
+            return torch.cat([stack, torch.zeros_like(stack)])
+        return stack
+
+    def _polar_stack(self, stack: torch.Tensor) -> torch.Tensor:
+        """The Polar Express GEMMs on a (k, m, n) stack of normalised directions."""
         K = self.stack_chunk_size
         if K <= 0:
             if self._compiled:
@@ -346,12 +407,12 @@ class MuonAdamW(torch.optim.Optimizer):
                 # (a 2-7 s recompile stall each time a new count appeared, measured on an H100).
                 # Dynamo specialises a dimension of size 1, so a lone matrix is padded to two.
                 if stack.size(0) == 1:
-                    return self._ortho(torch.cat([stack, torch.zeros_like(stack)]))[:1]
+                    return self._polar(torch.cat([stack, torch.zeros_like(stack)]))[:1]
                 torch._dynamo.maybe_mark_dynamic(stack, 0)
-            return self._ortho(stack)
+            return self._polar(stack)
         k = stack.size(0)
         pad = (-k) % K
         if pad:
             stack = torch.cat([stack, stack.new_zeros((pad, *stack.shape[1:]))])
-        out = [self._ortho(chunk) for chunk in stack.split(K)]
+        out = [self._polar(chunk) for chunk in stack.split(K)]
         return torch.cat(out)[:k]

@@ -42,16 +42,20 @@ def parse():
     p.add_argument("--fp8", type=str, default="off",
                    help="comma-separated: off, custom, custom-traced (= --fp8-no-allow-in-graph), torchao "
                         "(FP8 linears, tensorwise, base_train's default filter)")
+    p.add_argument("--muon-fuse", type=str, default="on",
+                   help="comma-separated: on (Muon's elementwise work compiled into fused kernels, the default "
+                        "on CUDA), off (eager)")
     p.add_argument("--fp8-exclude-regex", type=str, default=None, help="as base_train's flag")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one full step")
+    p.add_argument("--profile", action="store_true",
+                   help="print the top CUDA kernels of a step, GPU time per kernel category and per phase")
     p.add_argument("--compile-times", action="store_true",
                    help="after the first variant's first call, print where compile time went (dynamo's phase timers)")
     return p.parse_args()
 
 
-def build(args, device, compile_ortho=True, fp8="off"):
+def build(args, device, compile_ortho=True, fp8="off", muon_fuse=True):
     dim = ((args.depth * args.aspect_ratio + args.head_dim - 1) // args.head_dim) * args.head_dim
     cfg = GPTConfig(sequence_len=args.max_seq_len, vocab_size=args.vocab_size, n_layer=args.depth,
                     n_head=dim // args.head_dim, n_kv_head=dim // args.head_dim, n_embd=dim,
@@ -71,8 +75,53 @@ def build(args, device, compile_ortho=True, fp8="off"):
         print(convert_to_fp8(model, opts).summary(), flush=True)
     opt = MuonAdamW(model.param_groups(unembedding_lr=0.001, embedding_lr=0.07, matrix_lr=0.005, scalar_lr=0.1,
                                        weight_decay=0.05), active_only_stack=args.muon_active_only_stack,
-                    compile_orthogonalize=compile_ortho)
+                    compile_orthogonalize=compile_ortho, fuse_elementwise=muon_fuse)
     return model, opt
+
+
+def print_phases(model, fwd, opt, x, y, steps=10):
+    """Median GPU time of forward, backward and optimizer (+ zero_grad), from CUDA events
+    recorded between the phases: with the GPU saturated, each difference is that phase's GPU time."""
+    phases = {"forward": [], "backward": [], "optimizer": []}
+    for _ in range(steps):
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+        ev[0].record()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = fwd(x, y)
+        ev[1].record()
+        loss.backward()
+        ev[2].record()
+        opt.step(skip_if=~torch.isfinite(loss.detach()))
+        model.zero_grad(set_to_none=True)
+        ev[3].record()
+        torch.cuda.synchronize()
+        for i, k in enumerate(phases):
+            phases[k].append(ev[i].elapsed_time(ev[i + 1]))
+    print("phase GPU ms (median of %d): " % steps
+          + ", ".join(f"{k} {statistics.median(v):.2f}" for k, v in phases.items()), flush=True)
+
+
+KERNEL_CATEGORIES = (  # first match wins; names are lower-cased kernel names
+    ("attention", ("flash", "fmha", "cudnn", "attention")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "sm90", "sm80", "matmul", "splitk")),
+    ("triton (fused pointwise/reductions)", ("triton",)),
+    ("memcpy/memset", ("memcpy", "memset")),
+)
+
+
+def print_categories(prof, steps):
+    """GPU time per step summed over kernel categories (by kernel name)."""
+    totals: dict[str, float] = {}
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if e.device_type != torch.autograd.DeviceType.CUDA or not us:
+            continue
+        name = e.key.lower()
+        cat = next((c for c, keys in KERNEL_CATEGORIES if any(k in name for k in keys)), "other (aten kernels)")
+        totals[cat] = totals.get(cat, 0.0) + us / 1000 / steps
+    for cat, ms in sorted(totals.items(), key=lambda kv: -kv[1]):
+        print(f"  {cat:40s} {ms:8.2f} ms/step", flush=True)
+    print(f"  {'total':40s} {sum(totals.values()):8.2f} ms/step", flush=True)
 
 
 def main():
@@ -89,13 +138,13 @@ def main():
     x = torch.randint(0, args.vocab_size, (B, T), device=device)
     y = torch.randint(0, args.vocab_size, (B, T), device=device)
     rows = []
-    variants = [(mode, ortho, fp8) for mode in args.compile.split(",") for ortho in args.ortho.split(",")
-                for fp8 in args.fp8.split(",")]
-    for mode, ortho, fp8 in variants:
+    variants = [(mode, ortho, fp8, fuse) for mode in args.compile.split(",") for ortho in args.ortho.split(",")
+                for fp8 in args.fp8.split(",") for fuse in args.muon_fuse.split(",")]
+    for mode, ortho, fp8, fuse in variants:
         torch._dynamo.reset()
         torch.manual_seed(0)
-        model, opt = build(args, device, compile_ortho=(ortho == "compiled"), fp8=fp8)
-        name = f"{mode}/{ortho}" + ("" if fp8 == "off" else f"/fp8-{fp8}")
+        model, opt = build(args, device, compile_ortho=(ortho == "compiled"), fp8=fp8, muon_fuse=fuse == "on")
+        name = f"{mode}/{ortho}" + ("" if fp8 == "off" else f"/fp8-{fp8}") + ("" if fuse == "on" else "/muon-eager")
         fwd = model
         if mode == "regional":
             model.compile_regions(dynamic=False)
@@ -110,7 +159,7 @@ def main():
                 if times is not None:  # the first call: model and optimizer compile separately
                     torch.cuda.synchronize()
                     times.append(time.time())
-                opt.step()
+                opt.step(skip_if=~torch.isfinite(loss.detach()))  # as base_train: the device-side NaN skip
                 model.zero_grad(set_to_none=True)
                 return loss
             torch.cuda.synchronize()
@@ -139,12 +188,14 @@ def main():
             print(f"{name} active_start={a:2d}: first call {first:6.1f}s (model {first_model:.1f}s), "
                   f"median {med * 1000:7.2f} ms", flush=True)
             if args.profile and a == 0:
+                print_phases(model, fwd, opt, x, y)
                 from torch.profiler import ProfilerActivity, profile
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
                     for _ in range(3):
                         step()
                     torch.cuda.synchronize()
                 print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70))
+                print_categories(prof, steps=3)
         model = opt = fwd = None  # free this compile mode's model before building the next
         torch.cuda.empty_cache()
     print(f"\n{'compile/ortho/fp8':26s} {'active':>6s} {'first_s':>8s} {'model_s':>8s} {'step_ms':>8s} {'tok/s':>10s} "
