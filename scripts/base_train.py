@@ -578,6 +578,11 @@ def main():
         train_elapsed = 0.0  # all step time, compile included: what --time-budget-sec spends
     first_step = step
     compile_sec = None
+    # The step clock runs from one loss read to the next, without a device sync in between: the
+    # loss is read with the optimizer still queued, and the next step is launched while it runs,
+    # so the GPU never waits for the host's logging and launch work between steps. `t_mark` is
+    # the last loss read (None: the clock is stopped, e.g. for an evaluation; see settle()).
+    t_mark = None
     peak_step_mem = 0.0  # MiB, the largest per-step peak of this process
     run_step_time, timed_steps = 0.0, 0  # this process's steps after its first: steady tok/s and ETA
     metrics = open(args.metrics_file, "a", encoding="utf-8") if (args.metrics_file and master) else None
@@ -628,9 +633,28 @@ def main():
 
     barrier = torch.distributed.barrier if ddp else None
 
+    def settle() -> None:
+        """Stop the step clock: wait for the last step's queued work (its optimizer runs after the
+        loss read that ended its interval) and book that time to the same total as the step, so
+        totals and steady tok/s count every second of device work, before anything else (an
+        evaluation, a checkpoint) uses the GPU."""
+        nonlocal t_mark, train_elapsed, total_training_time, run_step_time, compile_sec
+        if t_mark is None:
+            return
+        synchronize()
+        extra = time.time() - t_mark
+        t_mark = None
+        train_elapsed += extra
+        if step == first_step + 1 and compile_sec is not None:  # the last step was the first (compiling) one
+            compile_sec += extra
+        else:
+            total_training_time += extra
+            run_step_time += extra
+
     def save_now() -> None:
         """Checkpoint `step` atomically (--keep-last-k retention). Weights holding NaN/Inf are never
         saved: the run stops (exit 1) so that the latest checkpoint stays a good one."""
+        settle()
         bad = nonfinite_tensors(list(model.named_parameters()))  # one fused reduction + sync per save
         if bad:
             print0(f"step {step:05d} | not saving a checkpoint: non-finite parameters ({len(bad)}): "
@@ -673,10 +697,11 @@ def main():
     def bad_step(problem: str) -> None:
         """A non-finite step never changes the weights: skip it (--skip-nonfinite-steps) or stop
         with the last checkpoint intact (exit 1)."""
-        nonlocal train_elapsed, smooth_loss, step
+        nonlocal train_elapsed, smooth_loss, step, t_mark
         if guard.on_bad_step():
             model.zero_grad(set_to_none=True)
-            train_elapsed += time.time() - t0
+            t_mark = time.time()
+            train_elapsed += t_mark - t0
             if step > 0:  # feed the EMA its own debiased value, so the debiasing by step count stays exact
                 smooth_loss = 0.9 * smooth_loss + 0.1 * smooth_loss / (1 - 0.9 ** step)
             print0(f"step {step:05d} | {problem} | step skipped: no optimizer update ({guard.consecutive} in a row, "
@@ -706,6 +731,7 @@ def main():
         # --- evaluation: full model (active_start=0), FP8 off, EMA weights when --ema-decay is set,
         # so the numbers are comparable across runs and schedules ---------------------
         if args.eval_every > 0 and (last_step or step % args.eval_every == 0):
+            settle()
             t_eval = time.time()
             if val_batches is None:
                 # Every evaluation reads the same rows: tokenize them once and keep them on the device
@@ -726,6 +752,7 @@ def main():
 
         # CORE and samples have varying shapes: they run the uncompiled forward (eager=True).
         if core_bundle and (last_step or (step > 0 and step % args.core_metric_every == 0)):
+            settle()
             with eval_mode(model, ema, eager=True):
                 core = evaluate_core(model, tokenizer, core_bundle, device, args.core_metric_max_per_task,
                                      max_seq_len=args.max_seq_len, autocast_ctx=autocast_ctx)
@@ -735,6 +762,7 @@ def main():
             wandb_run.log({"step": step, "core_metric": core["core"], "total_training_time": total_training_time})
 
         if master and args.sample_every > 0 and (last_step or (step > 0 and step % args.sample_every == 0)):
+            settle()
             with eval_mode(model, ema, eager=True):
                 for text in sample_prompts(model, tokenizer, autocast_ctx=autocast_ctx):
                     print(f"step {step:05d} | sample | {text!r}", flush=True)
@@ -744,13 +772,16 @@ def main():
             save_now()
 
         if last_step:
+            settle()
             break
 
         # --- one optimizer step ---------------------------------------------------
-        synchronize()
+        if t_mark is None:  # the first step, or after an evaluation: start the clock on an idle device
+            synchronize()
+            t_mark = time.time()
+        t0 = t_mark
         if device_type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        t0 = time.time()
         if dyn and time_budget and dyn.freeze_start == 10 ** 9 and train_elapsed >= args.dyn_freeze_start_frac * time_budget:
             dyn.freeze_start = max(step, args.dyn_warmup_steps)
         if dyn and not args.no_compile and step == first_step:
@@ -867,8 +898,8 @@ def main():
             dyn.update(step, scores)  # one host sync, after the optimizer work has been queued
             for w in dyn.pop_warnings():
                 print0(f"dynamic_suffix warning: {w}")
-        synchronize()
-        dt = time.time() - t0
+        t_mark = time.time()  # no sync: this step's optimizer may still run (see t_mark)
+        dt = t_mark - t0
 
         # --- logging --------------------------------------------------------------
         train_elapsed += dt
