@@ -33,7 +33,7 @@ from nanochat.attention import select_attention_backend
 from nanochat.checkpoint import (CheckpointError, check_state_dict_keys, diff_model_config,
                                  load_checkpoint, save_checkpoint, set_aside_newer)
 from nanochat.cli import fail
-from nanochat.common import (UsageError, autodetect_device_type, compute_cleanup, compute_init,
+from nanochat.common import (ScalarReader, UsageError, autodetect_device_type, compute_cleanup, compute_init,
                              get_base_dir, get_dist_info, get_peak_flops, init_wandb, print0, run_provenance)
 from nanochat.core_eval import BundleError, ensure_eval_bundle, evaluate_core, load_bundle
 from nanochat.dataloader import build_eval_loader, build_train_loader, train_resume_state
@@ -583,6 +583,7 @@ def main():
     # so the GPU never waits for the host's logging and launch work between steps. `t_mark` is
     # the last loss read (None: the clock is stopped, e.g. for an evaluation; see settle()).
     t_mark = None
+    loss_reader = ScalarReader(device)
     peak_step_mem = 0.0  # MiB, the largest per-step peak of this process
     run_step_time, timed_steps = 0.0, 0  # this process's steps after its first: steady tok/s and ETA
     metrics = open(args.metrics_file, "a", encoding="utf-8") if (args.metrics_file and master) else None
@@ -833,6 +834,7 @@ def main():
             torch.distributed.all_reduce(loss_sum)
             loss_sum /= world_size
         loss_mean = loss_sum / grad_accum_steps
+        loss_reader.start(loss_mean)  # its copy to the host goes ahead of the optimizer's kernels
 
         # The loss reaches the host before the optimizer step only where a flag needs it there
         # (--debug-nan checks and names gradients, --auto-lr-reduction sets this step's LR from it).
@@ -881,7 +883,7 @@ def main():
         for p in params:
             p.grad = None
         if train_loss is None:
-            train_loss = loss_mean.item()  # the one host sync of the step, with the optimizer queued
+            train_loss = loss_reader.result()  # the one host sync of the step, with the optimizer queued
             if problem := guard.check_before_step(train_loss):  # the step above was a no-op
                 bad_step(problem)
                 continue

@@ -1,0 +1,29 @@
+"""nanochat.common.ScalarReader: the loss read that does not wait for the optimizer."""
+import pytest
+import torch
+
+from nanochat.common import ScalarReader
+
+
+def test_reads_the_value_at_start_on_cpu():
+    r = ScalarReader("cpu")
+    t = torch.tensor(2.5)
+    r.start(t)
+    t.add_(1.0)  # later work does not change what was read
+    assert r.result() == 2.5
+    r.start(torch.tensor(float("nan")))
+    assert r.result() != r.result()  # NaN comes through as NaN
+
+
+@pytest.mark.gpu
+def test_result_does_not_wait_for_work_queued_after_start():
+    r = ScalarReader("cuda")
+    t = torch.tensor(3.25, device="cuda")
+    r.start(t)
+    torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU time queued behind the read
+    after = torch.cuda.Event()
+    after.record()
+    t.add_(1.0)
+    assert r.result() == 3.25
+    assert not after.query()  # the host got the value while the long kernel still ran
+    torch.cuda.synchronize()
