@@ -19,11 +19,11 @@ def test_reads_the_value_at_start_on_cpu():
 def test_result_does_not_wait_for_work_queued_after_start():
     r = ScalarReader("cuda")
     t = torch.tensor(3.25, device="cuda")
+    torch.cuda._sleep(1000)  # load the kernel now: lazy module loading can synchronize the device
     r.start(t)
-    torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU time queued behind the read
+    torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time queued behind the read
     after = torch.cuda.Event()
     after.record()
-    t.add_(1.0)
     assert r.result() == 3.25
     assert not after.query()  # the host got the value while the long kernel still ran
     torch.cuda.synchronize()
