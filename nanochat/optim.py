@@ -7,7 +7,10 @@ momentum buffer). Frozen means frozen; nothing decays in the background.
 Muon (momentum + orthogonalisation): for each group of same-shaped matrices, the (Nesterov)
 momentum-smoothed gradients are stacked into one (k, m, n) batch and orthogonalised together with
 the Polar Express iteration in bf16, then applied with cautious weight decay (decay only the
-coordinates where the update and the weight agree in sign). Two knobs shape the stacking:
+coordinates where the update and the weight agree in sign). The elementwise work before and after
+the Polar Express GEMMs is two compiled functions on CUDA (`fuse_elementwise`): a few fused kernels
+instead of ~15 eager passes over every matrix (optimizer 10.7 -> 7.5 ms per step at d12 on an H100).
+Two knobs shape the stacking:
 
 * `active_only_stack=True` stacks only parameters that have gradients; False stacks the whole
   group with zeros standing in for missing gradients (wasted work, identical results) -- the A/B
