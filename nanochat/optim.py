@@ -103,18 +103,18 @@ def _muon_prepare(grads: torch.Tensor, bufs: torch.Tensor, momentum: torch.Tenso
 
 
 def _muon_apply(weights: torch.Tensor, update: torch.Tensor, ok: torch.Tensor | None, decay: torch.Tensor | None,
-                step: torch.Tensor) -> torch.Tensor:
+                step_size: torch.Tensor) -> torch.Tensor:
     """Everything Muon does after the Polar Express GEMMs: the new (k, m, n) weights from the
     orthogonalised directions (same shape, `dtype`): cautious weight decay by the factor `decay`
     (= lr * weight_decay; None = no decay) on the coordinates where the update and the weight agree
-    in sign, then the update times `step` (= lr * shape scale). 0-dim tensors, as in
+    in sign, then the update times `step_size` (= lr * shape scale). 0-dim tensors, as in
     `_muon_prepare`. With `ok` False the update, and so the decay, is zero."""
     update = update.to(weights.dtype)
     if ok is not None:
         update = update * ok.to(weights.dtype)
     if decay is not None:
         weights = weights - weights * ((update * weights) > 0) * decay
-    return weights - update * step
+    return weights - update * step_size
 
 
 class _Comm:
@@ -366,7 +366,7 @@ class MuonAdamW(torch.optim.Optimizer):
         dev = active[0].device
         momentum = torch.full((), momentum, device=dev)
         decay = torch.full((), lr * wd, device=dev) if wd != 0.0 else None
-        step = torch.full((), lr * max(1.0, m / n) ** 0.5, device=dev)
+        step_size = torch.full((), lr * max(1.0, m / n) ** 0.5, device=dev)
         with _no_duck_shapes():
             # (stacks of flat views: fresh tensors, not views, like the padded ones, so one graph fits both)
             new_bufs, X = self._prepare(self._pad(torch.stack([g.view(-1) for g in grads])),
@@ -386,7 +386,7 @@ class MuonAdamW(torch.optim.Optimizer):
             full[rows] = X[:k]
             X = self._pad(self._polar_stack(full)[rows])
         with _no_duck_shapes():
-            weights = self._apply(self._pad(torch.stack(active)), X.mT if m > n else X, ok, decay, step)[:k]
+            weights = self._apply(self._pad(torch.stack(active)), X.mT if m > n else X, ok, decay, step_size)[:k]
         if not write_back:
             return weights
         torch._foreach_copy_(active, list(weights.unbind(0)))
