@@ -6,9 +6,8 @@
     python -m scripts.bench_step --muon-fuse=off,on --profile
 
 For each (compile mode, orthogonaliser mode, FP8 backend, Muon fusion, active_start) it reports the time
-of the first call
-(and of its forward+backward alone: the rest is the optimizer's compile), the median step time over
---steps timed steps (after --warmup), tok/s and peak memory; with --profile it also
+of the first call (and of its forward+backward alone: the rest is the optimizer's compile), the
+median step time over --steps timed steps (after --warmup), tok/s and peak memory; with --profile it also
 prints the top CUDA kernels of a full step, GPU time per kernel category and per phase (forward,
 backward, optimizer). Steps include the optimizer (MuonAdamW, with base_train's device-side NaN
 skip), as in training. Prefix-freezing ratios are reported against active_start=0 of the same compile mode.
