@@ -393,10 +393,10 @@ class MuonAdamW(torch.optim.Optimizer):
         return None
 
     def _pad(self, stack: torch.Tensor) -> torch.Tensor:
-        """A lone matrix gets a zero partner when the elementwise work is compiled: dynamo
+        """A lone matrix gets a zero partner when anything it goes through is compiled: dynamo
         specialises size-1 dimensions, and a one-block suffix would otherwise compile graphs of its
-        own mid-run (callers slice the results back to the real count)."""
-        if stack.size(0) == 1 and self.fuse_elementwise:
+        own mid-run (callers slice the results back to the real count; zeros stay zeros)."""
+        if stack.size(0) == 1 and (self.fuse_elementwise or self._compiled):
             return torch.cat([stack, torch.zeros_like(stack)])
         return stack
 
@@ -408,10 +408,10 @@ class MuonAdamW(torch.optim.Optimizer):
                 # The number of stacked matrices changes whenever the trained suffix does; a symbolic
                 # stack dimension gives one compiled graph per matrix shape instead of one per count
                 # (a 2-7 s recompile stall each time a new count appeared, measured on an H100).
-                # Dynamo specialises a dimension of size 1, so a lone matrix is padded to two.
-                if stack.size(0) == 1:
-                    return self._polar(torch.cat([stack, torch.zeros_like(stack)]))[:1]
+                k = stack.size(0)
+                stack = self._pad(stack)
                 torch._dynamo.maybe_mark_dynamic(stack, 0)
+                return self._polar(stack)[:k]
             return self._polar(stack)
         k = stack.size(0)
         pad = (-k) % K

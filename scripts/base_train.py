@@ -772,8 +772,7 @@ def main():
         if last_step or (step > first_step and args.save_every > 0 and step % args.save_every == 0):
             save_now()
 
-        if last_step:
-            settle()
+        if last_step:  # (save_now above has stopped the step clock)
             break
 
         # --- one optimizer step ---------------------------------------------------

@@ -81,21 +81,18 @@ def build(args, device, compile_ortho=True, fp8="off", muon_fuse=True):
     return model, opt
 
 
-def print_phases(model, fwd, opt, x, y, steps=10):
-    """Median GPU time of forward, backward and optimizer (+ zero_grad), from CUDA events
-    recorded between the phases: with the GPU saturated, each difference is that phase's GPU time."""
+def print_phases(step, steps=10):
+    """Median GPU time of forward, backward and optimizer (+ zero_grad), from CUDA events that
+    `step` records between its phases: with the GPU saturated, each difference is that phase's GPU time."""
     phases = {"forward": [], "backward": [], "optimizer": []}
     for _ in range(steps):
-        ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+        ev = [torch.cuda.Event(enable_timing=True)]
         ev[0].record()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = fwd(x, y)
-        ev[1].record()
-        loss.backward()
-        ev[2].record()
-        opt.step(skip_if=~torch.isfinite(loss.detach()))
-        model.zero_grad(set_to_none=True)
-        ev[3].record()
+
+        def mark():
+            ev.append(torch.cuda.Event(enable_timing=True))
+            ev[-1].record()
+        step(mark)
         torch.cuda.synchronize()
         for i, k in enumerate(phases):
             phases[k].append(ev[i].elapsed_time(ev[i + 1]))
@@ -154,22 +151,21 @@ def main():
             fwd = torch.compile(model, dynamic=False)
         base = None
         for a in [int(s) for s in args.active_starts.split(",")]:
-            def step(times=None):
+            def step(mark=lambda: None):  # mark() after forward, backward and optimizer
                 with torch.autocast("cuda", dtype=torch.bfloat16):
                     loss = fwd(x, y, active_start=a)
+                mark()
                 loss.backward()
-                if times is not None:  # the first call: model and optimizer compile separately
-                    torch.cuda.synchronize()
-                    times.append(time.time())
+                mark()
                 opt.step(skip_if=~torch.isfinite(loss.detach()))  # as base_train: the device-side NaN skip
                 model.zero_grad(set_to_none=True)
+                mark()
                 return loss
             torch.cuda.synchronize()
             t0 = time.time()
-            marks = []
-            step(marks)
-            torch.cuda.synchronize()
-            first, first_model = time.time() - t0, marks[0] - t0
+            marks = []  # the first call: model and optimizer compile separately
+            step(lambda: (torch.cuda.synchronize(), marks.append(time.time())))
+            first, first_model = marks[2] - t0, marks[1] - t0
             if args.compile_times and not rows:
                 from torch._dynamo.utils import compile_times
                 print(compile_times(repr="str", aggregate=True), flush=True)
@@ -190,7 +186,7 @@ def main():
             print(f"{name} active_start={a:2d}: first call {first:6.1f}s (model {first_model:.1f}s), "
                   f"median {med * 1000:7.2f} ms", flush=True)
             if args.profile and a == 0:
-                print_phases(model, fwd, opt, x, y)
+                print_phases(step)
                 from torch.profiler import ProfilerActivity, profile
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
                     for _ in range(3):
