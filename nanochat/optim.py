@@ -84,27 +84,32 @@ def orthogonalize(G: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bf
 
 
 def _muon_prepare(grads: torch.Tensor, bufs: torch.Tensor, momentum: torch.Tensor, ok: torch.Tensor | None,
-                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+                  dtype: torch.dtype) -> torch.Tensor:
     """Everything Muon does before the Polar Express GEMMs, on (k, m*n) stacks of flattened
-    gradients and momentum buffers: Nesterov momentum (new buffer = lerp(buf, g, 1 - m), direction
-    = lerp(g, new buffer, m)), the cast to `dtype` and `_unit`. Returns (new buffers, directions).
+    gradients and momentum buffers: Nesterov momentum (new buffer = lerp(buf, g, 1 - m), written
+    into `bufs` in place; direction = lerp(g, new buffer, m)), the cast to `dtype` and `_unit`.
+    Returns the directions.
 
     With `ok` (the device-side skip flag, False = skip) non-finite gradients are zeroed and the
     buffers do not move when `ok` is False. Flat stacks on purpose: compiled, this is two fused
-    kernels instead of ~8 eager passes, and one graph serves every matrix shape. `momentum` is a
-    0-dim tensor, not a float: a Python float that changes every step made the compiled graph
-    recompile each step, or (in one variant we tried on torch 2.13) silently keep its first value."""
+    kernels instead of ~8 eager passes, and one graph serves every matrix shape. `bufs` may be a
+    view of the optimizer's packed buffer (then nothing is copied back) or a stack (the caller
+    copies it back). `momentum` is a 0-dim tensor, not a float: a Python float that changes every
+    step made the compiled graph recompile each step, or (in one variant we tried on torch 2.13)
+    silently keep its first value."""
     if ok is not None:
         grads = torch.where(ok, grads, 0.0)
         new_bufs = bufs.lerp(grads, (1 - momentum) * ok.to(bufs.dtype))
     else:
         new_bufs = bufs.lerp(grads, 1 - momentum)
-    return new_bufs, _unit(grads.lerp(new_bufs, momentum).to(dtype), -1)
+    bufs.copy_(new_bufs)
+    return _unit(grads.lerp(new_bufs, momentum).to(dtype), -1)
 
 
 def _muon_apply(weights: torch.Tensor, update: torch.Tensor, ok: torch.Tensor | None, decay: torch.Tensor | None,
-                step_size: torch.Tensor) -> torch.Tensor:
-    """Everything Muon does after the Polar Express GEMMs: the new (k, m, n) weights from the
+                step_size: torch.Tensor) -> None:
+    """Everything Muon does after the Polar Express GEMMs, written into the (k, m, n) `weights`
+    in place (a view of the packed weights, or a stack the caller copies back), from the
     orthogonalised directions (same shape, `dtype`): cautious weight decay by the factor `decay`
     (= lr * weight_decay; None = no decay) on the coordinates where the update and the weight agree
     in sign, then the update times `step_size` (= lr * shape scale). 0-dim tensors, as in
@@ -112,9 +117,53 @@ def _muon_apply(weights: torch.Tensor, update: torch.Tensor, ok: torch.Tensor | 
     update = update.to(weights.dtype)
     if ok is not None:
         update = update * ok.to(weights.dtype)
+    new = weights
     if decay is not None:
-        weights = weights - weights * ((update * weights) > 0) * decay
-    return weights - update * step_size
+        new = new - new * ((update * new) > 0) * decay
+    weights.copy_(new - update * step_size)
+
+
+class _Pack:
+    """One Muon group's matrices and momentum buffers in two contiguous tensors, (K, m, n) and
+    (K, m*n): the parameters are views of `weights`, the momentum buffers in the optimizer state
+    views of `bufs`. A step whose active matrices are a contiguous run of the group (every
+    full_update step; a dynamic-suffix step too, since the group lists the blocks in depth order)
+    reads and writes them in place. Without it each step stacks the buffers and weights into fresh
+    tensors and copies them back: four extra passes over every matrix, ~1 ms per step at d12."""
+
+    def __init__(self, params: list):
+        self.weights = torch.stack([p.detach() for p in params])
+        self.bufs = self.weights.new_zeros((len(params), self.weights[0].numel()))
+        self.row = {id(p): i for i, p in enumerate(params)}
+        self.w_rows, self.b_rows = list(self.weights.unbind(0)), list(self.bufs.unbind(0))
+        self.w_ptrs = [t.data_ptr() for t in self.w_rows]
+        self.b_ptrs = [t.data_ptr() for t in self.b_rows]
+        for p, w in zip(params, self.w_rows):
+            p.data = w
+
+    def rows(self, active: list, state) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(weights, bufs) views for `active` if they are a contiguous run of the group, else None.
+        Re-points what no longer lives in the pack (a parameter whose `.data` was replaced, a
+        momentum buffer that `load_state_dict` put in place or that does not exist yet), so a
+        write through the views always lands in the real parameter and state."""
+        s = self.row.get(id(active[0]))
+        if s is None or any(self.row.get(id(p)) != s + j for j, p in enumerate(active)):
+            return None
+        for j, p in enumerate(active):
+            i = s + j
+            if p.data_ptr() != self.w_ptrs[i]:
+                self.w_rows[i].copy_(p.detach())
+                p.data = self.w_rows[i]
+            st = state[p]
+            buf = st.get("momentum_buffer")
+            if buf is None or buf.data_ptr() != self.b_ptrs[i]:
+                if buf is None:
+                    self.b_rows[i].zero_()
+                else:
+                    self.b_rows[i].copy_(buf.reshape(-1))
+                st["momentum_buffer"] = self.b_rows[i].view(p.shape)
+        k = len(active)
+        return self.weights[s:s + k], self.bufs[s:s + k]
 
 
 class _Comm:
@@ -188,7 +237,7 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def __init__(self, groups: list[dict], *, active_only_stack: bool = True, stack_chunk_size: int = 0,
                  compile_orthogonalize: bool = False, compile_backend="inductor", fused_adamw: bool | None = None,
-                 fuse_elementwise: bool | None = None):
+                 fuse_elementwise: bool | None = None, pack: bool | None = None):
         defaults = dict(lr=0.0, weight_decay=0.0)
         super().__init__(groups, defaults)
         for g in self.param_groups:
@@ -220,6 +269,11 @@ class MuonAdamW(torch.optim.Optimizer):
         self._prepare, self._apply = compile_ew(_muon_prepare), compile_ew(_muon_apply)
         self._fused_adamw = fused_adamw
         self._skip = None  # this step's device-side skip flag (see step)
+        # Packed storage (see _Pack); default on for one process. Under torchrun each rank owns
+        # every W-th matrix of a group, which is not a contiguous run, so the sharded step stacks.
+        if pack is None:
+            pack = not _distributed()
+        self._packs = {id(g): _Pack(g["params"]) for g in self.param_groups if g["kind"] == "muon"} if pack else {}
 
     # ----------------------------------------------------------------- step
     @torch.no_grad()
@@ -353,14 +407,20 @@ class MuonAdamW(torch.optim.Optimizer):
         if not active:
             return None
         lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
-        bufs = []
-        for p in active:
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p)
-            bufs.append(state["momentum_buffer"])
-        ok = None if self._skip is None else ~self._skip
         k, (m, n) = len(active), active[0].shape
+        pack = self._packs.get(id(group)) if write_back else None
+        views = pack.rows(active, self.state) if pack is not None and (k > 1 or not self._pads()) else None
+        if views is None:  # stacks: fresh tensors, copied back at the end
+            for p in active:
+                self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+            bufs = [self.state[p]["momentum_buffer"] for p in active]
+            # (as views, `[:]`, like the packed ones: dynamo guards on a view's base, so a fresh
+            # tensor would compile graphs of its own)
+            weights = self._pad(torch.stack(active))[:]
+            buf_stack = self._pad(torch.stack([b.view(-1) for b in bufs]))[:]
+        else:
+            weights, buf_stack = views
+        ok = None if self._skip is None else ~self._skip
         # Hyper-parameters as 0-dim device tensors (see _muon_prepare); torch.full launches a fill
         # with the value as a kernel argument: no host-to-device copy, no sync.
         dev = active[0].device
@@ -368,11 +428,10 @@ class MuonAdamW(torch.optim.Optimizer):
         decay = torch.full((), lr * wd, device=dev) if wd != 0.0 else None
         step_size = torch.full((), lr * max(1.0, m / n) ** 0.5, device=dev)
         with _no_duck_shapes():
-            # (stacks of flat views: fresh tensors, not views, like the padded ones, so one graph fits both)
-            new_bufs, X = self._prepare(self._pad(torch.stack([g.view(-1) for g in grads])),
-                                        self._pad(torch.stack([b.view(-1) for b in bufs])), momentum, ok,
-                                        self.ortho_dtype)
-        torch._foreach_copy_(bufs, list(new_bufs[:k].view(-1, m, n).unbind(0)))
+            X = self._prepare(self._pad(torch.stack([g.view(-1) for g in grads])), buf_stack, momentum, ok,
+                              self.ortho_dtype)
+        if views is None:
+            torch._foreach_copy_(bufs, list(buf_stack[:k].view(-1, m, n).unbind(0)))
         X = X.view(-1, m, n)
         X = X.mT if m > n else X  # the wide orientation, where the Gram matrix X X^T is the small one
         if self.active_only_stack or k == len(all_params):
@@ -386,17 +445,22 @@ class MuonAdamW(torch.optim.Optimizer):
             full[rows] = X[:k]
             X = self._pad(self._polar_stack(full)[rows])
         with _no_duck_shapes():
-            weights = self._apply(self._pad(torch.stack(active)), X.mT if m > n else X, ok, decay, step_size)[:k]
+            self._apply(weights, X.mT if m > n else X, ok, decay, step_size)
+        if views is not None:
+            return None
         if not write_back:
-            return weights
-        torch._foreach_copy_(active, list(weights.unbind(0)))
+            return weights[:k]
+        torch._foreach_copy_(active, list(weights[:k].unbind(0)))
         return None
+
+    def _pads(self) -> bool:
+        return self.fuse_elementwise or self._compiled
 
     def _pad(self, stack: torch.Tensor) -> torch.Tensor:
         """A lone matrix gets a zero partner when anything it goes through is compiled: dynamo
         specialises size-1 dimensions, and a one-block suffix would otherwise compile graphs of its
         own mid-run (callers slice the results back to the real count; zeros stay zeros)."""
-        if stack.size(0) == 1 and (self.fuse_elementwise or self._compiled):
+        if stack.size(0) == 1 and self._pads():
             return torch.cat([stack, torch.zeros_like(stack)])
         return stack
 

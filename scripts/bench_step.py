@@ -4,8 +4,9 @@
     python -m scripts.bench_step --active-starts=0,3,6,9 --compile=regional,whole --profile
     python -m scripts.bench_step --fp8=off,custom,torchao --profile
     python -m scripts.bench_step --muon-fuse=off,on --profile
+    python -m scripts.bench_step --muon-pack=off,on --profile
 
-For each (compile mode, orthogonaliser mode, FP8 backend, Muon fusion, active_start) it reports the time
+For each (compile mode, orthogonaliser mode, FP8 backend, Muon fusion and packing, active_start) it reports the time
 of the first call (and of its forward+backward alone: the rest is the optimizer's compile), the
 median step time over --steps timed steps (after --warmup), tok/s and peak memory; with --profile it also
 prints the top CUDA kernels of a full step, GPU time per kernel category and per phase (forward,
@@ -47,6 +48,9 @@ def parse():
     p.add_argument("--muon-fuse", type=str, default="on",
                    help="comma-separated: on (Muon's elementwise work compiled into fused kernels, the default "
                         "on CUDA), off (eager)")
+    p.add_argument("--muon-pack", type=str, default="on",
+                   help="comma-separated: on (Muon's matrices and momenta in packed per-group storage, updated in "
+                        "place; the single-process default), off (stacked and copied back every step)")
     p.add_argument("--fp8-exclude-regex", type=str, default=None, help="as base_train's flag")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
@@ -57,7 +61,7 @@ def parse():
     return p.parse_args()
 
 
-def build(args, device, compile_ortho=True, fp8="off", muon_fuse=True):
+def build(args, device, compile_ortho=True, fp8="off", muon_fuse=True, muon_pack=True):
     dim = ((args.depth * args.aspect_ratio + args.head_dim - 1) // args.head_dim) * args.head_dim
     cfg = GPTConfig(sequence_len=args.max_seq_len, vocab_size=args.vocab_size, n_layer=args.depth,
                     n_head=dim // args.head_dim, n_kv_head=dim // args.head_dim, n_embd=dim,
@@ -77,7 +81,7 @@ def build(args, device, compile_ortho=True, fp8="off", muon_fuse=True):
         print(convert_to_fp8(model, opts).summary(), flush=True)
     opt = MuonAdamW(model.param_groups(unembedding_lr=0.001, embedding_lr=0.07, matrix_lr=0.005, scalar_lr=0.1,
                                        weight_decay=0.05), active_only_stack=args.muon_active_only_stack,
-                    compile_orthogonalize=compile_ortho, fuse_elementwise=muon_fuse)
+                    compile_orthogonalize=compile_ortho, fuse_elementwise=muon_fuse, pack=muon_pack)
     return model, opt
 
 
@@ -137,13 +141,15 @@ def main():
     x = torch.randint(0, args.vocab_size, (B, T), device=device)
     y = torch.randint(0, args.vocab_size, (B, T), device=device)
     rows = []
-    variants = [(mode, ortho, fp8, fuse) for mode in args.compile.split(",") for ortho in args.ortho.split(",")
-                for fp8 in args.fp8.split(",") for fuse in args.muon_fuse.split(",")]
-    for mode, ortho, fp8, fuse in variants:
+    variants = [(mode, ortho, fp8, fuse, pack) for mode in args.compile.split(",") for ortho in args.ortho.split(",")
+                for fp8 in args.fp8.split(",") for fuse in args.muon_fuse.split(",") for pack in args.muon_pack.split(",")]
+    for mode, ortho, fp8, fuse, pack in variants:
         torch._dynamo.reset()
         torch.manual_seed(0)
-        model, opt = build(args, device, compile_ortho=(ortho == "compiled"), fp8=fp8, muon_fuse=fuse == "on")
-        name = f"{mode}/{ortho}" + ("" if fp8 == "off" else f"/fp8-{fp8}") + ("" if fuse == "on" else "/muon-eager")
+        model, opt = build(args, device, compile_ortho=(ortho == "compiled"), fp8=fp8, muon_fuse=fuse == "on",
+                           muon_pack=pack == "on")
+        name = (f"{mode}/{ortho}" + ("" if fp8 == "off" else f"/fp8-{fp8}") + ("" if fuse == "on" else "/muon-eager")
+                + ("" if pack == "on" else "/unpacked"))
         fwd = model
         if mode == "regional":
             model.compile_regions(dynamic=False)
@@ -196,10 +202,10 @@ def main():
                 print_categories(prof, steps=3)
         model = opt = fwd = None  # free this compile mode's model before building the next
         torch.cuda.empty_cache()
-    print(f"\n{'compile/ortho/fp8':26s} {'active':>6s} {'first_s':>8s} {'model_s':>8s} {'step_ms':>8s} {'tok/s':>10s} "
+    print(f"\n{'variant':36s} {'active':>6s} {'first_s':>8s} {'model_s':>8s} {'step_ms':>8s} {'tok/s':>10s} "
           f"{'vs_a0':>6s} {'peak_GiB':>8s}")
     for name, a, first, first_model, ms, tps, ratio, mem in rows:
-        print(f"{name:26s} {a:6d} {first:8.1f} {first_model:8.1f} {ms:8.2f} {tps:10,.0f} {ratio:6.3f} {mem:8.2f}")
+        print(f"{name:36s} {a:6d} {first:8.1f} {first_model:8.1f} {ms:8.2f} {tps:10,.0f} {ratio:6.3f} {mem:8.2f}")
 
 
 if __name__ == "__main__":
