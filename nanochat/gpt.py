@@ -270,6 +270,7 @@ class GPT(nn.Module):
         import torch._functorch.config as functorch_config
         if hasattr(functorch_config, "force_non_lazy_backward_lowering"):
             functorch_config.force_non_lazy_backward_lowering = True
+        inductor_settings()
         for block in self.transformer.h:
             block.compile(**compile_kwargs)
         self._head_fn = torch.compile(self._head_loss, **compile_kwargs)
@@ -350,6 +351,15 @@ class GPT(nn.Module):
             logits = self.lm_head(norm(x)).float()
             return self.config.softcap * torch.tanh(logits / self.config.softcap)
         return self._run_region(lambda: self._head_fn(x, targets, loss_reduction))
+
+
+def inductor_settings() -> None:
+    """Process-wide inductor settings for this repo's compiled code (the model's regions and the
+    optimizer's fused Muon functions). Pointwise kernels get one launch configuration instead of
+    several that are each compiled and then benchmarked at the first call: on an empty cache that
+    cost ~3 s of a d12 first step on the H100 for no measurable step time (65.03 vs 64.99 ms)."""
+    import torch._inductor.config as inductor_config
+    inductor_config.triton.autotune_pointwise = False
 
 
 def lm_head_loss_from_logits(logits, targets, reduction: str = "mean"):

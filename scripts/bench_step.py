@@ -22,7 +22,7 @@ import torch
 import torch._dynamo
 
 from nanochat.fp8 import Fp8Options, convert_to_fp8
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPT, GPTConfig, inductor_settings
 from nanochat.optim import MuonAdamW
 
 
@@ -154,6 +154,7 @@ def main():
         if mode == "regional":
             model.compile_regions(dynamic=False)
         elif mode == "whole":
+            inductor_settings()  # as compile_regions
             fwd = torch.compile(model, dynamic=False)
         base = None
         for a in [int(s) for s in args.active_starts.split(",")]:
