@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from queue import Empty, Full
 from typing import Iterator
 
+import pyarrow as pa
 import torch
 
 from nanochat.common import print0
@@ -326,6 +327,19 @@ def build_train_loader(tokenizer, batch_size: int, seq_len: int, split: str = "t
     return generate()
 
 
+def _yield_cpu_to_trainer() -> None:
+    """Make this process the one that waits when CPUs are busy. The trainer's launching thread
+    must never be descheduled: if it is, the GPU runs dry. pyarrow decodes a row group with a pool
+    of one thread per core, and the tokenizer adds its own threads, so a row-group refill could
+    occupy every core at once. Lower priority (nice +10) and a 2-thread pyarrow pool keep the
+    refill in the background; the queue of ready batches covers the slower refill."""
+    try:
+        os.nice(10)
+    except OSError:
+        pass  # not permitted here: run at normal priority
+    pa.set_cpu_count(2)
+
+
 def _loader_process_main(queue, loader_kwargs: dict, parent_pid: int) -> None:
     """Body of the loader process: the in-process train loader on the CPU, batch by batch into
     `queue` (waiting while it is full); an exception is sent as one line and ends the process.
@@ -336,6 +350,7 @@ def _loader_process_main(queue, loader_kwargs: dict, parent_pid: int) -> None:
     this process has been re-parented and exits instead of lingering."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _yield_cpu_to_trainer()
 
     def put(item) -> bool:
         while True:

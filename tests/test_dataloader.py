@@ -158,3 +158,24 @@ def test_worker_process_yields_exactly_the_in_process_batches(tok, small_dir, tm
         pq.write_table(pa.table({"text": ["hi", "yo"]}), str(tmp_path / f"shard_{i:05d}.parquet"))
     with pytest.raises(DataError, match="data loader process: DataError: .*no complete rows"):
         next(build_train_loader(tok, 2, 512, "train", worker_process=True, data_dir=str(tmp_path)))
+
+
+def _priority_probe(q):
+    from nanochat.dataloader import _yield_cpu_to_trainer
+    _yield_cpu_to_trainer()
+    import pyarrow
+    q.put((os.nice(0), pyarrow.cpu_count()))
+
+
+def test_loader_process_yields_the_cpu_to_the_trainer():
+    """The loader process runs at a lower priority with a small pyarrow pool, so a row-group
+    refill cannot take every core from the thread that launches the GPU's kernels."""
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_priority_probe, args=(q,))
+    p.start()
+    nice, cpus = q.get(timeout=60)
+    p.join(timeout=10)
+    assert cpus == 2
+    assert nice >= min(os.nice(0) + 10, 19)  # capped at 19; unchanged only where renicing is refused
