@@ -10,6 +10,10 @@ the Polar Express iteration in bf16, then applied with cautious weight decay (de
 coordinates where the update and the weight agree in sign). The elementwise work before and after
 the Polar Express GEMMs is two compiled functions on CUDA (`fuse_elementwise`): a few fused kernels
 instead of ~15 eager passes over every matrix (optimizer 10.7 -> 7.5 ms per step at d12 on an H100).
+In one process each group's matrices and momentum buffers live in one packed tensor each (`_Pack`:
+the parameters and the state entries are views of it), so when the active matrices are a
+contiguous run of the group (every full step, and every dynamic-suffix step) those functions read
+and write them in place instead of stacking copies and writing them back (7.6 -> 6.4 ms).
 Two knobs shape the stacking:
 
 * `active_only_stack=True` stacks only parameters that have gradients; False stacks the whole

@@ -29,6 +29,12 @@
 #   WARMUP_STEPS=2        an unrecorded full_update run of this many steps first (does setup and data
 #                         preparation, warms the page and compile caches); 0 = none
 #   KEEP_CHECKPOINTS=0    1 keeps each run's final checkpoint (d12: GBs each)
+#   COMPILE_CACHE=shared  shared: every run uses the caller's torch.compile caches, so a run after
+#                         another (or after the warm-up) compiles from a warm cache; per_run: each
+#                         recorded run gets empty TORCHINDUCTOR_CACHE_DIR / TRITON_CACHE_DIR under
+#                         RESULTS_DIR/compile_cache/ (removed after it), so every arm pays a cold
+#                         compile, as on a fresh machine. At d20, which arm compiled cold moved a
+#                         single seed's time-to-target ratio by ~0.1 (optimizations/dynamic_suffix.md).
 #   MAX_RUNS=0            run at most this many arm runs now (0 = all), e.g. to fit a time limit;
 #   RESUME=1              then continue in the same RESULTS_DIR with the same variables: runs already
 #                         in its runs.tsv with exit code 0 are skipped (their commands must match)
@@ -73,6 +79,7 @@ DYNAMIC_NUM_ITERATIONS=${DYNAMIC_NUM_ITERATIONS:-${NUM_ITERATIONS:-}}
 TIME_BUDGET_SEC=${TIME_BUDGET_SEC:-}
 WARMUP_STEPS=${WARMUP_STEPS:-2}
 KEEP_CHECKPOINTS=${KEEP_CHECKPOINTS:-0}
+COMPILE_CACHE=${COMPILE_CACHE:-shared}
 DRY_RUN=${DRY_RUN:-0}
 RESUME=${RESUME:-0}
 MAX_RUNS=${MAX_RUNS:-0}
@@ -109,6 +116,8 @@ if [[ -n "$TIME_BUDGET_SEC" ]]; then
 fi
 [[ "$WARMUP_STEPS" =~ ^[0-9]+$ ]] || bad "WARMUP_STEPS=$WARMUP_STEPS must be an integer >= 0"
 is_bool "$KEEP_CHECKPOINTS" || bad "KEEP_CHECKPOINTS=$KEEP_CHECKPOINTS must be 0 or 1"
+[[ "$COMPILE_CACHE" == shared || "$COMPILE_CACHE" == per_run ]] \
+  || bad "COMPILE_CACHE=$COMPILE_CACHE must be shared or per_run"
 is_bool "$DRY_RUN" || bad "DRY_RUN=$DRY_RUN must be 0 or 1"
 is_bool "$RESUME" || bad "RESUME=$RESUME must be 0 or 1"
 [[ "$MAX_RUNS" =~ ^[0-9]+$ ]] || bad "MAX_RUNS=$MAX_RUNS must be an integer >= 0 (0 = all)"
@@ -215,6 +224,10 @@ speedrun_env() {
     [[ -z "$TIME_BUDGET_SEC" ]] || assign+=(TIME_BUDGET_SEC="$TIME_BUDGET_SEC")
     [[ -z "${EVAL_EVERY:-}" ]] || assign+=(EVAL_EVERY="$EVAL_EVERY")
   fi
+  if [[ "$COMPILE_CACHE" == per_run && "$role" != warmup ]]; then
+    assign+=(TORCHINDUCTOR_CACHE_DIR="$RESULTS_DIR/compile_cache/$id/inductor"
+             TRITON_CACHE_DIR="$RESULTS_DIR/compile_cache/$id/triton")
+  fi
   if [[ "$first" == 1 ]]; then assign+=(SKIP_SETUP="$SKIP_SETUP" PREPARE_DATA="$PREPARE_DATA")
   else assign+=(SKIP_SETUP=1 PREPARE_DATA=0); fi
   ENV_CMD=(env "${drop[@]}" "${assign[@]}")
@@ -269,6 +282,7 @@ say "$MODE | seeds: ${SEED_LIST[*]} | fp8: $USE_FP8_COMPARE | gpu: $has_gpu"
 say "results: $RESULTS_DIR"
 for id in "${RUN_IDS[@]}"; do [[ -z "${DONE[$id]:-}" ]] || say "skip[$id]: done (runs.tsv)"; done
 for id in "${EXEC_IDS[@]}"; do say "command[$id]: ${COMMAND[$id]}"; done
+[[ "$COMPILE_CACHE" == shared ]] || say "compile caches: empty for every recorded run, under $RESULTS_DIR/compile_cache/<run>"
 (( n_left == 0 )) || say "$n_left run(s) left after these (MAX_RUNS=$MAX_RUNS): continue with RESUME=1 and the same variables"
 say "then: $PY -m scripts.compare_report $RESULTS_DIR"
 if [[ "$DRY_RUN" == 1 ]]; then exit 0; fi
@@ -278,7 +292,7 @@ mkdir -p "$RESULTS_DIR"
 if [[ ! -e "$MANIFEST" ]]; then
   printf 'run_id\tvariant\tschedule\tseed\torder\ttime_budget_sec\twall_sec\texit_code\tmetrics_file\tlog_file\tcommand\n' > "$MANIFEST"
   { echo "mode: $MODE"; echo "seeds: ${SEED_LIST[*]}"; echo "fp8: $USE_FP8_COMPARE${FP8_BACKEND_COMPARE:+ backend=$FP8_BACKEND_COMPARE}${FP8_RECIPE_COMPARE:+ recipe=$FP8_RECIPE_COMPARE}";
-  echo "gpu: $has_gpu"; echo "warmup_steps: $WARMUP_STEPS"; } > "$RESULTS_DIR/compare_config.txt"
+  echo "gpu: $has_gpu"; echo "warmup_steps: $WARMUP_STEPS"; echo "compile_cache: $COMPILE_CACHE"; } > "$RESULTS_DIR/compare_config.txt"
 fi
 
 failed=0
@@ -289,6 +303,7 @@ for k in "${!EXEC_IDS[@]}"; do
   speedrun_env "$role" "$seed" "$id" "$(( k == 0 ))"
   log="$RESULTS_DIR/$id.log"
   rm -f "$RESULTS_DIR/$id.metrics.jsonl"  # a killed earlier attempt may have left one: base_train appends
+  rm -rf "${RESULTS_DIR:?}/compile_cache/$id"  # COMPILE_CACHE=per_run: start empty
   say "=== run $id ($role, seed $seed)"
   t0=$(date +%s.%N)
   set +e
@@ -297,6 +312,7 @@ for k in "${!EXEC_IDS[@]}"; do
   set -e
   t1=$(date +%s.%N)
   wall=$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.3f", b - a}')
+  rm -rf "${RESULTS_DIR:?}/compile_cache/$id"
   if [[ -z "$base_dir" ]]; then
     # The first run did the setup: use the project's venv from here on (as speedrun_small.sh does).
     # shellcheck disable=SC1091

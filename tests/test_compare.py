@@ -400,6 +400,13 @@ def test_dry_run_fp8_time_budget_and_iterations(tmp_path):
     assert "--num-iterations=900" in cmds["dynamic_s42"] and "--num-iterations=-1" in cmds["full_s42"]
 
 
+def test_dry_run_per_run_compile_caches(tmp_path):
+    p = runner({"COMPILE_CACHE": "per_run", "WARMUP_STEPS": "0"}, tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "compile caches: empty for every recorded run" in p.stdout
+    assert "compile caches" not in runner({"WARMUP_STEPS": "0"}, tmp_path).stdout
+
+
 @pytest.mark.parametrize("env, message", [
     ({"SEEDS": "1 x"}, "SEEDS: 'x'"),
     ({"SEEDS": "3 3"}, "listed twice"),
@@ -413,6 +420,7 @@ def test_dry_run_fp8_time_budget_and_iterations(tmp_path):
     ({"USE_FP8": "1"}, "use USE_FP8_COMPARE"),
     ({"BASE_TRAIN_EXTRA_ARGS": "--dyn-eps=1e-6"}, "DYN_*"),
     ({"WARMUP_STEPS": "-1"}, "WARMUP_STEPS"),
+    ({"COMPILE_CACHE": "cold"}, "COMPILE_CACHE=cold must be shared or per_run"),
     ({"DYN_RELEVANCE_METRIC": "bogus"}, "DYN_RELEVANCE_METRIC=bogus"),  # rejected by speedrun_small.sh
     ({"DEPTH": "deep"}, "DEPTH=deep"),
 ])
@@ -494,10 +502,12 @@ def test_compare_end_to_end_tiny_cpu(tiny_base, tmp_path):
     p = runner({**env, "MAX_RUNS": "3"}, tmp_path, timeout=180)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "1 run(s) left" in p.stdout
-    p = runner({**env, "RESUME": "1", "WARMUP_STEPS": "0"}, tmp_path, timeout=180)
+    # (per-run compile caches change the environment, not the command: RESUME accepts them)
+    p = runner({**env, "RESUME": "1", "WARMUP_STEPS": "0", "COMPILE_CACHE": "per_run"}, tmp_path, timeout=180)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "skip[dynamic_s2]: done" in p.stdout and list(commands(p.stdout)) == ["full_s2"]
     res = tmp_path / "res"
+    assert not list((res / "compile_cache").glob("*"))  # each run's cache is removed after it
     rows = read_csv(res / "summary.csv")
     assert [r["run_id"] for r in rows] == ["full_s1", "dynamic_s1", "dynamic_s2", "full_s2"]  # alternated
     for r in rows:
