@@ -160,6 +160,20 @@ def test_worker_process_yields_exactly_the_in_process_batches(tok, small_dir, tm
         next(build_train_loader(tok, 2, 512, "train", worker_process=True, data_dir=str(tmp_path)))
 
 
+def test_worker_process_death_is_reported(tok, small_dir):
+    """If the loader process dies (OOM killer, a crash), the trainer gets a DataError that says
+    so once the batches already received are used up, instead of waiting forever."""
+    from nanochat.dataloader import DataError, build_train_loader
+    loader = build_train_loader(tok, B, T, "train", worker_process=True, queue_batches=2, data_dir=small_dir)
+    next(loader)
+    child = [p for p in multiprocessing.active_children() if p.name == "nanochat-train-loader"]
+    assert len(child) == 1
+    os.kill(child[0].pid, signal.SIGKILL)
+    with pytest.raises(DataError, match="data loader process died"):
+        for _ in range(20):  # at most the 2 queued + 4 moved to this process's side
+            next(loader)
+
+
 def _priority_probe(q):
     from nanochat.dataloader import _yield_cpu_to_trainer
     _yield_cpu_to_trainer()
