@@ -6,14 +6,16 @@
     python -m scripts.bench_step --muon-fuse=off,on --profile
     python -m scripts.bench_step --muon-pack=off,on --profile
 
-For each (compile mode, orthogonaliser mode, FP8 backend, Muon fusion and packing, active_start) it reports the time
-of the first call (and of its forward+backward alone: the rest is the optimizer's compile), the
-median step time over --steps timed steps (after --warmup), tok/s and peak memory; with --profile it also
-prints the top CUDA kernels of a full step, GPU time per kernel category and per phase (forward,
-backward, optimizer). Steps include the optimizer (MuonAdamW, with base_train's device-side NaN
-skip), as in training. Prefix-freezing ratios are reported against active_start=0 of the same compile mode.
+For each (compile mode, orthogonaliser mode, FP8 backend, Muon fusion and packing, active_start) it
+reports the time of the first call (and of its forward+backward alone: the rest is the optimizer's
+compile), the median step time over --steps timed steps (after --warmup), tok/s and peak memory;
+with --profile it also prints the top CUDA kernels of a full step, GPU time per kernel category and
+per phase (forward, backward, optimizer). Steps include the optimizer (MuonAdamW, with base_train's
+device-side NaN skip), as in training. Prefix-freezing ratios are reported against active_start=0
+of the same compile mode.
 """
 import argparse
+import itertools
 import statistics
 import sys
 import time
@@ -141,15 +143,15 @@ def main():
     x = torch.randint(0, args.vocab_size, (B, T), device=device)
     y = torch.randint(0, args.vocab_size, (B, T), device=device)
     rows = []
-    variants = [(mode, ortho, fp8, fuse, pack) for mode in args.compile.split(",") for ortho in args.ortho.split(",")
-                for fp8 in args.fp8.split(",") for fuse in args.muon_fuse.split(",") for pack in args.muon_pack.split(",")]
+    variants = list(itertools.product(*(getattr(args, a).split(",") for a in
+                                        ("compile", "ortho", "fp8", "muon_fuse", "muon_pack"))))
     for mode, ortho, fp8, fuse, pack in variants:
         torch._dynamo.reset()
         torch.manual_seed(0)
         model, opt = build(args, device, compile_ortho=(ortho == "compiled"), fp8=fp8, muon_fuse=fuse == "on",
                            muon_pack=pack == "on")
-        name = (f"{mode}/{ortho}" + ("" if fp8 == "off" else f"/fp8-{fp8}") + ("" if fuse == "on" else "/muon-eager")
-                + ("" if pack == "on" else "/unpacked"))
+        name = (f"{mode}/{ortho}" + ("" if fp8 == "off" else f"/fp8-{fp8}")
+                + ("" if fuse == "on" else "/muon-eager") + ("" if pack == "on" else "/unpacked"))
         fwd = model
         if mode == "regional":
             model.compile_regions(dynamic=False)
