@@ -44,6 +44,7 @@ FINAL_LOSS_FRAC = 0.05  # final_loss = mean raw train loss of the last 5% of ste
 NA = "NA"
 TAIL_FROM = 0.5  # val_bpb_vs_time_tail.png: evals at train_elapsed >= this fraction of the longest run
 SPARSE_EVAL_FRAC = 0.1  # precision warning: the dynamic arm's eval interval exceeds this fraction of full_time
+UNEVEN_COMPILE_FRAC = 0.05  # warning: the arms' first steps (compile) differ by more than this fraction of full_time
 
 
 # -----------------------------------------------------------------------------
@@ -292,6 +293,13 @@ def times_to_target(rows: list[dict], evals_by_run: dict) -> tuple[list[dict], l
             skipped.append(seed)
             continue
         t = time_to_target(evals_by_run.get(f["run_id"], []), evals_by_run.get(d["run_id"], []))
+        # The same ratio with each arm's first step (the compile) left out of both times: what the
+        # steps themselves cost. It tells a warm compile cache for one arm apart from a real saving.
+        fc, dc = f["compile_sec"], d["compile_sec"]
+        t["first_steps"] = (fc, dc)
+        t["ratio_ex_first"] = None
+        if t["cross"] is not None and fc is not None and dc is not None and t["full_sec"] > fc:
+            t["ratio_ex_first"] = (t["cross"]["interp_sec"] - dc) / (t["full_sec"] - fc)
         out.append({"seed": seed, "full_row": f, "dyn_row": d, **t})
     return out, skipped
 
@@ -341,11 +349,13 @@ def target_section(ttt: list[dict], skipped: list[str]) -> list[str]:
         bracket = NA
         if c is not None and c["prev_sec"] is not None:
             bracket = f"steps {c['prev_step']}-{c['step']}, {c['prev_sec']:.2f}-{c['first_eval_sec']:.2f} s"
+        first = " / ".join(_r(x, 2) for x in t["first_steps"])
         body.append([t["seed"], _r(t["target"], 6), _r(t["full_sec"], 2)] + dyn_cells
-                    + [_r(t["ratio"], 4), _r(t["ratio_first_eval"], 4), bracket])
+                    + [_r(t["ratio"], 4), _r(t["ratio_first_eval"], 4), bracket, first, _r(t["ratio_ex_first"], 4)])
     md.append(md_table(["seed", "target val bpb (full final)", "full time s", "dynamic time s (interpolated)",
                         "dynamic time s (first eval)", "ratio (interpolated)", "ratio (first eval)",
-                        "crossing between evals"], body))
+                        "crossing between evals", "first step s (full / dynamic)",
+                        "ratio without first steps"], body))
     counted = [t for t in ttt if t["target"] is not None and t["full_sec"]]
     reached = sum(t["ratio"] is not None for t in counted)
     med, med_first = median_ratio(ttt), median_ratio(ttt, "ratio_first_eval")
@@ -353,6 +363,16 @@ def target_section(ttt: list[dict], skipped: list[str]) -> list[str]:
     notes = [f"**Median time-to-target ratio over {len(counted)} seed(s): {_r(med, 4)}** (interpolated; "
              f"{_r(med_first, 4)} from first evals). The dynamic arm reached the target in {reached}/{len(counted)} "
              f"seeds{unreached}."]
+    notes.append(f"Without each arm's first step (the compile) in either time: median ratio "
+                 f"{_r(median_ratio(ttt, 'ratio_ex_first'), 4)}. The headline includes compile, a real cost; this "
+                 "one shows what the steps cost.")
+    uneven = [f"s{t['seed']}: {t['first_steps'][0]:.2f} s vs {t['first_steps'][1]:.2f} s" for t in counted
+              if None not in t["first_steps"]
+              and abs(t["first_steps"][0] - t["first_steps"][1]) > UNEVEN_COMPILE_FRAC * t["full_sec"]]
+    if uneven:
+        notes.append(f"**The arms' first steps differ by more than {UNEVEN_COMPILE_FRAC:.0%} of full time "
+                     f"({'; '.join(uneven)}): one arm probably compiled from a warm cache. Compare the ratio "
+                     "without first steps, or rerun with COMPILE_CACHE=per_run.**")
     steps = median_or_none(t["dyn_interval_steps"] for t in ttt)
     secs = median_or_none(t["dyn_interval_sec"] for t in ttt)
     notes.append(f"Precision is bounded by the dynamic arm's eval cadence: one eval every {fmt('steps', steps)} "

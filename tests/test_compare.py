@@ -229,6 +229,22 @@ def test_time_to_target_interpolates_between_evals(tmp_path):
     # 2.5 s between evals > 10% of 11 s: the precision warning names the seed.
     assert "s1: dynamic eval interval 2.50 s > 10% of full time 11.00 s" in md
     assert "full arm has" not in md  # 3 evals in the full arm: not sparse
+    # Without the first steps (2.0 s each): (7.75 - 2) / (11 - 2).
+    assert t["ratio_ex_first"] == pytest.approx(5.75 / 9.0)
+    assert "| steps 10-15, 6.50-9.00 s | 2.00 / 2.00 | 0.6389 |" in md
+    assert "median ratio 0.6389" in md and "warm cache" not in md
+
+
+def test_time_to_target_names_a_warm_compile_for_one_arm(tmp_path):
+    """The dynamic arm's first step took 0.2 s instead of 2.0 (its compile came from a warm cache):
+    the headline ratio drops, the ratio without first steps does not, and the report says so."""
+    warm = [0.2] + [0.5] * 19
+    d = ttt_dir(tmp_path, [(1, FULL_10, (warm, {0: 3.0, 5: 2.0, 10: 1.6, 15: 1.4, 20: 1.3}, 0))])
+    (t,) = cr.write_report(d)["time_to_target"]
+    assert t["ratio"] == pytest.approx(5.95 / 11.0)
+    assert t["ratio_ex_first"] == pytest.approx(5.75 / 9.0)  # as with equal first steps
+    md = open(os.path.join(d, "summary.md")).read()
+    assert "s1: 2.00 s vs 0.20 s" in md and "COMPILE_CACHE=per_run" in md
 
 
 def test_time_to_target_crossing_exactly_at_an_eval(tmp_path):
