@@ -389,25 +389,28 @@ def _process_loader(loader_kwargs: dict, device, queue_batches: int):
         (~0.5 MB, pickled) takes several pipe-sized chunks, each written by the loader process's
         feeder thread when it gets that process's GIL; while the loader packs a row group in Python
         that can take tens of ms (measured on CPU: median 1.3 ms, max 49 ms per read). Done here,
-        that wait never holds up the thread that launches the GPU's kernels."""
+        that wait never holds up the thread that launches the GPU's kernels. A message (str) ends it."""
         while not stop.is_set():
             try:
                 item = queue.get(timeout=1)
             except Empty:
                 if not proc.is_alive():
-                    ready.put(f"the data loader process died (exit code {proc.exitcode})")
+                    offer(f"the data loader process died (exit code {proc.exitcode})")
                     return
                 continue
-            if isinstance(item, str):
-                item = f"data loader process: {item}"
-            while not stop.is_set():
-                try:
-                    ready.put(item, timeout=1)
-                    break
-                except Full:
-                    pass
+            offer(f"data loader process: {item}" if isinstance(item, str) else item)
             if isinstance(item, str):
                 return
+
+    def offer(item) -> None:
+        """Put `item` into `ready`, giving up once the consumer has stopped (a full queue would
+        otherwise block this thread forever)."""
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=1)
+                return
+            except Full:
+                pass
 
     reader = threading.Thread(target=pump, name="nanochat-train-loader-pump", daemon=True)
     reader.start()

@@ -140,8 +140,6 @@ class _Pack:
         self.bufs = self.weights.new_zeros((len(params), self.weights[0].numel()))
         self.row = {id(p): i for i, p in enumerate(params)}
         self.w_rows, self.b_rows = list(self.weights.unbind(0)), list(self.bufs.unbind(0))
-        self.w_ptrs = [t.data_ptr() for t in self.w_rows]
-        self.b_ptrs = [t.data_ptr() for t in self.b_rows]
         for p, w in zip(params, self.w_rows):
             p.data = w
 
@@ -153,19 +151,18 @@ class _Pack:
         s = self.row.get(id(active[0]))
         if s is None or any(self.row.get(id(p)) != s + j for j, p in enumerate(active)):
             return None
-        for j, p in enumerate(active):
-            i = s + j
-            if p.data_ptr() != self.w_ptrs[i]:
-                self.w_rows[i].copy_(p.detach())
-                p.data = self.w_rows[i]
-            st = state[p]
-            buf = st.get("momentum_buffer")
-            if buf is None or buf.data_ptr() != self.b_ptrs[i]:
-                if buf is None:
-                    self.b_rows[i].zero_()
-                else:
-                    self.b_rows[i].copy_(buf.reshape(-1))
-                st["momentum_buffer"] = self.b_rows[i].view(p.shape)
+        for p, w, b in zip(active, self.w_rows[s:], self.b_rows[s:]):
+            if p.data_ptr() != w.data_ptr():
+                w.copy_(p.detach())
+                p.data = w
+            buf = state[p].get("momentum_buffer")
+            if buf is not None and buf.data_ptr() == b.data_ptr():
+                continue
+            if buf is None:
+                b.zero_()
+            else:
+                b.copy_(buf.reshape(-1))
+            state[p]["momentum_buffer"] = b.view(p.shape)
         k = len(active)
         return self.weights[s:s + k], self.bufs[s:s + k]
 
