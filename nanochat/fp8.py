@@ -207,18 +207,38 @@ def _traced_scaled_mm(a, b, scale_a, scale_b, out_dtype, use_fast_accum):
                             use_fast_accum=use_fast_accum)
 
 
+def _scale_for(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """() fp32 quantisation scale fp8_max / amax(|x|), amax floored at AMAX_EPS."""
+    return torch.finfo(dtype).max / x.abs().amax().float().clamp(min=AMAX_EPS)
+
+
+def _cast(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Saturating scaled cast. The clamp matters: a plain `.to(float8)` of a value just above the
+    max gives NaN for e4m3fn (it has no inf), and rounding in a fused kernel can push
+    amax * scale slightly above fp8_max."""
+    fp8_max = torch.finfo(dtype).max
+    return (x.float() * scale).clamp(-fp8_max, fp8_max).to(dtype)
+
+
 def quantize_tensorwise(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic tensorwise scaling with a saturating cast.
 
     Returns (x_fp8, inv_scale) with x ~= x_fp8.float() * inv_scale; inv_scale is a () fp32 tensor
-    (the dequantisation factor `_scaled_mm` wants). The clamp matters: a plain `.to(float8)` of
-    a value just above the max gives NaN for e4m3fn (it has no inf), and rounding in a fused
-    kernel can push amax * scale slightly above fp8_max."""
-    fp8_max = torch.finfo(dtype).max
-    amax = x.abs().amax().float().clamp(min=AMAX_EPS)
-    scale = fp8_max / amax
-    x_fp8 = (x.float() * scale).clamp(-fp8_max, fp8_max).to(dtype)
-    return x_fp8, scale.reciprocal()
+    (the dequantisation factor `_scaled_mm` wants)."""
+    scale = _scale_for(x, dtype)
+    return _cast(x, scale, dtype), scale.reciprocal()
+
+
+def _quantize_both_layouts(x: torch.Tensor, dtype: torch.dtype):
+    """(x_fp8 row-major, x_fp8^T row-major, inv_scale) for a 2-D x, one scale for both.
+
+    `_scaled_mm` wants its first operand row-major and its second column-major, so each FP8
+    operand that appears in two GEMMs in different roles needs both layouts. Casting x and x^T
+    from the high-precision tensor (instead of transposing the FP8 copy afterwards) lets inductor
+    write both from one read of x, and saves the separate transpose pass; the values are
+    identical either way."""
+    scale = _scale_for(x, dtype)
+    return _cast(x, scale, dtype), _cast(x.t(), scale, dtype).contiguous(), scale.reciprocal()
 
 
 def _pad_rows(t: torch.Tensor, multiple: int = 16) -> torch.Tensor:
@@ -232,17 +252,25 @@ class _Fp8LinearFn(torch.autograd.Function):
     forward:  y  = x_e4m3 (M,K)  @ W_e4m3^T (K,N)             -> out_dtype (bf16 under autocast)
     backward: dX = g_e5m2 (M,N)  @ W_e4m3   (N,K)             -> x.dtype
               dW = g_e5m2^T (N,M) @ x_e4m3  (M,K)             -> fp32 (bf16 if weight_grad_bf16)
-    The FP8 copies of x and W are saved for backward (half the memory of bf16 activations)."""
+    The FP8 copies of x (column-major, as dW wants it) and W are saved for backward (half the
+    memory of bf16 activations); x and the output gradient are cast to FP8 in both layouts
+    straight from their high-precision values (`_quantize_both_layouts`)."""
 
     @staticmethod
     def forward(ctx, x2d, weight, w_fp8, w_inv, out_dtype, fast_accum, weight_grad_bf16, use_custom_op):
         # x2d: (M, K) with M % 16 == 0; weight: (N, K) master weight; w_fp8/w_inv: cached or None.
         mm = fp8_scaled_mm if use_custom_op else _traced_scaled_mm
-        x_fp8, x_inv = quantize_tensorwise(x2d, E4M3)
         if w_fp8 is None:
             w_fp8, w_inv = quantize_tensorwise(weight, E4M3)
+        if ctx.needs_input_grad[1]:
+            # dW's second operand is x column-major: (x^T row-major).t(), cast in the same pass.
+            x_fp8, x_t_fp8, x_inv = _quantize_both_layouts(x2d, E4M3)
+            x_saved = x_t_fp8.t()
+        else:
+            x_fp8, x_inv = quantize_tensorwise(x2d, E4M3)
+            x_saved = None
         out = mm(x_fp8, w_fp8.t(), x_inv, w_inv, out_dtype, fast_accum)
-        ctx.save_for_backward(x_fp8, x_inv, w_fp8, w_inv)
+        ctx.save_for_backward(x_saved, x_inv, w_fp8, w_inv)
         ctx.x_dtype = x2d.dtype
         ctx.w_dtype = weight.dtype
         ctx.weight_grad_bf16 = weight_grad_bf16
@@ -251,17 +279,20 @@ class _Fp8LinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        x_fp8, x_inv, w_fp8, w_inv = ctx.saved_tensors
+        x_cm, x_inv, w_fp8, w_inv = ctx.saved_tensors
         mm = fp8_scaled_mm if ctx.use_custom_op else _traced_scaled_mm
-        g_fp8, g_inv = quantize_tensorwise(grad_out.contiguous(), E5M2)
+        grad_out = grad_out.contiguous()
         grad_x = grad_w = None
+        if ctx.needs_input_grad[1]:
+            g_fp8, g_t_fp8, g_inv = _quantize_both_layouts(grad_out, E5M2)
+            dw_dtype = torch.bfloat16 if ctx.weight_grad_bf16 else torch.float32
+            grad_w = mm(g_t_fp8, x_cm, g_inv, x_inv, dw_dtype, False)
+            grad_w = grad_w.to(ctx.w_dtype)  # accumulates into the fp32 master .grad
+        else:
+            g_fp8, g_inv = quantize_tensorwise(grad_out, E5M2)
         if ctx.needs_input_grad[0]:
             # second operand (N, K) must be column-major: transpose-copy of the row-major W.
             grad_x = mm(g_fp8, w_fp8.t().contiguous().t(), g_inv, w_inv, ctx.x_dtype, False)
-        if ctx.needs_input_grad[1]:
-            dw_dtype = torch.bfloat16 if ctx.weight_grad_bf16 else torch.float32
-            grad_w = mm(g_fp8.t().contiguous(), x_fp8.t().contiguous().t(), g_inv, x_inv, dw_dtype, False)
-            grad_w = grad_w.to(ctx.w_dtype)  # accumulates into the fp32 master .grad
         return grad_x, grad_w, None, None, None, None, None, None
 
 
