@@ -100,31 +100,6 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y.reshape(B, T, -1))
 
 
-class _ReluSquare(torch.autograd.Function):
-    """relu(h)² that keeps only its output for backward.
-
-    d/dh relu(h)² = 2·relu(h) = 2·sqrt(relu(h)²), so the output alone gives the gradient. Plain
-    autograd keeps relu(h) *and* the output (both feed backward; inductor's partitioner saves both
-    too): one more (tokens, 4·n_embd) tensor written in forward and read in backward in every
-    layer, the largest activations of the block. The sqrt costs nothing (the kernel is memory
-    bound); the math runs in fp32 whatever the input dtype, so eager and compiled agree."""
-
-    @staticmethod
-    def forward(ctx, h):
-        out = F.relu(h).square()
-        ctx.save_for_backward(out)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        (out,) = ctx.saved_tensors
-        return (grad.float() * 2 * out.float().sqrt()).to(grad.dtype)
-
-
-def relu_square(h: torch.Tensor) -> torch.Tensor:
-    return _ReluSquare.apply(h)
-
-
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -132,7 +107,7 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
 
     def forward(self, x):
-        return self.c_proj(relu_square(self.c_fc(x)))
+        return self.c_proj(F.relu(self.c_fc(x)).square())
 
 
 class Block(nn.Module):
