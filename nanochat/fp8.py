@@ -37,8 +37,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.fp8_cast import cast_both_layouts
-
 E4M3 = torch.float8_e4m3fn  # activations and weights: more mantissa
 E5M2 = torch.float8_e5m2  # output gradients: more range
 E4M3_MAX = torch.finfo(E4M3).max  # 448.0
@@ -235,16 +233,12 @@ def _quantize_both_layouts(x: torch.Tensor, dtype: torch.dtype):
     """(x_fp8 row-major, x_fp8^T row-major, inv_scale) for a 2-D x, one scale for both.
 
     `_scaled_mm` wants its first operand row-major and its second column-major, so each FP8
-    operand that appears in two GEMMs in different roles needs both layouts. Both are cast from
-    the high-precision tensor in one pass: on CUDA by the Triton kernel of `nanochat.fp8_cast`
-    (inductor's own fused version writes the transposed copy slowly, see there), elsewhere by
-    the same expression in torch ops. The values are those of a transposed copy of x_fp8."""
+    operand that appears in two GEMMs in different roles needs both layouts. Casting x and x^T
+    from the high-precision tensor (instead of transposing the FP8 copy afterwards) lets inductor
+    write both from one read of x, and saves the separate transpose pass; the values are
+    identical either way."""
     scale = _scale_for(x, dtype)
-    if x.is_cuda and cast_both_layouts is not None:
-        x_fp8, x_t_fp8 = cast_both_layouts(x.contiguous(), scale, dtype)
-    else:
-        x_fp8, x_t_fp8 = _cast(x, scale, dtype), _cast(x.t(), scale, dtype).contiguous()
-    return x_fp8, x_t_fp8, scale.reciprocal()
+    return _cast(x, scale, dtype), _cast(x.t(), scale, dtype).contiguous(), scale.reciprocal()
 
 
 def _pad_rows(t: torch.Tensor, multiple: int = 16) -> torch.Tensor:
