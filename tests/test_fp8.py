@@ -157,6 +157,20 @@ def test_quantize_zero_and_saturation_are_finite():
     assert torch.isfinite(x.grad).all() and torch.isfinite(f.weight.grad).all()
 
 
+def test_both_layouts_are_one_quantisation():
+    """The transposed FP8 copy is cast from the high-precision tensor, not by transposing the
+    FP8 one: it must hold exactly the same values, with the same scale, row-major."""
+    x = torch.randn(48, 80) * 5
+    x[3, 7] = 1e4  # saturates nothing (the scale follows amax) but sets it
+    for dtype in (fp8.E4M3, fp8.E5M2):
+        q, q_t, inv = fp8._quantize_both_layouts(x, dtype)
+        q_ref, inv_ref = quantize_tensorwise(x, dtype)
+        assert q_t.shape == (80, 48) and q_t.is_contiguous() and q.is_contiguous()
+        assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+        assert torch.equal(q_t.view(torch.uint8), q_ref.t().contiguous().view(torch.uint8))
+        assert torch.equal(inv, inv_ref)
+
+
 # ----------------------------------------------------------------------------- filter/report
 def test_filter_decisions():
     opts = Fp8Options(**ON, min_dim=64)
