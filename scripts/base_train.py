@@ -34,7 +34,8 @@ from nanochat.checkpoint import (CheckpointError, check_state_dict_keys, diff_mo
                                  load_checkpoint, save_checkpoint, set_aside_newer)
 from nanochat.cli import fail
 from nanochat.common import (ScalarReader, UsageError, autodetect_device_type, compute_cleanup, compute_init,
-                             get_base_dir, get_dist_info, get_peak_flops, init_wandb, print0, run_provenance)
+                             get_base_dir, get_dist_info, get_peak_flops, init_wandb, print0, run_provenance,
+                             step_time_stats)
 from nanochat.core_eval import BundleError, ensure_eval_bundle, evaluate_core, load_bundle
 from nanochat.dataloader import build_eval_loader, build_train_loader, train_resume_state
 from nanochat.dataset import DataError
@@ -586,6 +587,7 @@ def main():
     loss_reader = ScalarReader(device)
     peak_step_mem = 0.0  # MiB, the largest per-step peak of this process
     run_step_time, timed_steps = 0.0, 0  # this process's steps after its first: steady tok/s and ETA
+    step_times: list[float] = []  # the same steps' intervals, for the median and the slow steps
     metrics = open(args.metrics_file, "a", encoding="utf-8") if (args.metrics_file and master) else None
 
     def log_metrics(record: dict) -> None:
@@ -910,6 +912,7 @@ def main():
             total_training_time += dt
             run_step_time += dt
             timed_steps += 1
+            step_times.append(dt)
         step_mem = max(max_memory(), mem_probe.step_peak()) / 2**20
         peak_step_mem = max(peak_step_mem, step_mem)
         mem = f" | mem {step_mem:,.0f}MiB" if device_type == "cuda" else ""
@@ -959,12 +962,16 @@ def main():
     print0(f"done: {step - first_step} steps | training time {run_step_time:.1f}s excluding first step "
            f"({compile_sec or 0:.1f}s incl. compile) | steady tok/s {steady_tok:,.0f} | peak memory {peak_mem} | "
            f"min val bpb " + (f"{min_val_bpb:.4f}" if math.isfinite(min_val_bpb) else "n/a (no eval)"))
+    if stats := step_time_stats(step_times, total_batch_size):
+        print0(f"step times: median {stats['median_step_sec'] * 1000:.1f}ms ({stats['median_tok_per_sec']:,.0f} tok/s); "
+               f"{stats['slow_steps']} steps above {stats['slow_factor']}x the median took "
+               f"{stats['slow_excess_sec']:.2f}s more than median steps would have")
     summary = {"kind": "summary", "steps": step, "steps_this_run": step - first_step, "train_elapsed": train_elapsed,
                "first_step_sec": compile_sec, "steady_tok_per_sec": steady_tok,
                "peak_mib": peak_step_mem if device_type == "cuda" else None,
                "final_val_bpb": val_bpb, "min_val_bpb": min_val_bpb if math.isfinite(min_val_bpb) else None,
                "final_loss_ema": smooth_loss / (1 - 0.9 ** step) if step > 0 else None,
-               "tokens": step * total_batch_size, "schedule": args.block_update_schedule}
+               "tokens": step * total_batch_size, "schedule": args.block_update_schedule, "step_times": stats}
     if dyn:
         summary["dynamic_suffix"] = dyn.stats()
         print0(f"dynamic_suffix stats: {json.dumps(dyn.stats())}")

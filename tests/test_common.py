@@ -27,3 +27,13 @@ def test_result_does_not_wait_for_work_queued_after_start():
     assert r.result() == 3.25
     assert not after.query()  # the host got the value while the long kernel still ran
     torch.cuda.synchronize()
+
+
+def test_step_time_stats_median_and_slow_steps():
+    from nanochat.common import step_time_stats
+    assert step_time_stats([], 1000) is None
+    times = [0.065] * 20 + [0.095, 0.090]  # two stalls, as seen on the H100
+    s = step_time_stats(times, 32768)
+    assert s["median_step_sec"] == 0.065 and abs(s["median_tok_per_sec"] - 32768 / 0.065) < 1e-6
+    assert s["slow_steps"] == 2 and abs(s["slow_excess_sec"] - 0.055) < 1e-12
+    assert step_time_stats([0.065] * 5, 1)["slow_steps"] == 0

@@ -31,6 +31,7 @@ def test_tiny_training_learns_and_saves(trained_base):
     ckpt = os.path.join(trained_base, "base_checkpoints", "learn", "step_000030")
     assert os.path.exists(os.path.join(ckpt, "DONE"))
     assert "done: 30 steps" in out.stdout
+    assert re.search(r"^step times: median [\d.]+ms \([\d,]+ tok/s\); \d+ steps above 1.25x", out.stdout, re.M)
 
 
 def test_resume_parity_2n_straight_vs_n_resume_n(trained_base):
