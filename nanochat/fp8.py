@@ -257,12 +257,14 @@ class _Fp8LinearFn(torch.autograd.Function):
     straight from their high-precision values (`_quantize_both_layouts`)."""
 
     @staticmethod
-    def forward(ctx, x2d, weight, w_fp8, w_inv, out_dtype, fast_accum, weight_grad_bf16, use_custom_op):
+    def forward(ctx, x2d, weight, w_fp8, w_inv, out_dtype, fast_accum, weight_grad_bf16, use_custom_op, keep_for_dw):
         # x2d: (M, K) with M % 16 == 0; weight: (N, K) master weight; w_fp8/w_inv: cached or None.
+        # keep_for_dw: a backward will want dW. The caller decides, because forward itself always
+        # runs with grad disabled and needs_input_grad is also set under no_grad (frozen blocks).
         mm = fp8_scaled_mm if use_custom_op else _traced_scaled_mm
         if w_fp8 is None:
             w_fp8, w_inv = quantize_tensorwise(weight, E4M3)
-        if ctx.needs_input_grad[1]:
+        if keep_for_dw:
             # dW's second operand is x column-major: (x^T row-major).t(), cast in the same pass.
             x_fp8, x_t_fp8, x_inv = _quantize_both_layouts(x2d, E4M3)
             x_saved = x_t_fp8.t()
@@ -293,7 +295,7 @@ class _Fp8LinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             # second operand (N, K) must be column-major: transpose-copy of the row-major W.
             grad_x = mm(g_fp8, w_fp8.t().contiguous().t(), g_inv, w_inv, ctx.x_dtype, False)
-        return grad_x, grad_w, None, None, None, None, None, None
+        return grad_x, grad_w, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- module
@@ -380,7 +382,8 @@ class Float8Linear(nn.Linear):
         x2d = _pad_rows(x2d)
         w_fp8, w_inv = self._cached_weight()
         out = _Fp8LinearFn.apply(x2d, self.weight, w_fp8, w_inv, out_dtype, self.fast_accum,
-                                 self.weight_grad_bf16, self.use_custom_op)
+                                 self.weight_grad_bf16, self.use_custom_op,
+                                 torch.is_grad_enabled() and self.weight.requires_grad)
         if out.shape[0] != m:
             out = out[:m]
         return out.reshape(*lead, self.out_features)

@@ -171,6 +171,23 @@ def test_both_layouts_are_one_quantisation():
         assert torch.equal(inv, inv_ref)
 
 
+def test_no_grad_forward_skips_the_transposed_copy(monkeypatch):
+    """Frozen blocks (dynamic_suffix) run FP8 linears under no_grad: no backward will come, so
+    the column-major copy of x for dW must not be made (autograd sets needs_input_grad even
+    then, so the layer passes the grad mode in)."""
+    calls = []
+    real = fp8._quantize_both_layouts
+    monkeypatch.setattr(fp8, "_quantize_both_layouts", lambda *a: calls.append(1) or real(*a))
+    f = Float8Linear.from_linear(nn.Linear(32, 32, bias=False), Fp8Options(**ON))
+    x = torch.randn(16, 32)
+    with torch.no_grad():
+        y_nograd = f(x)
+    assert calls == []
+    y = f(x)
+    y.sum().backward()
+    assert len(calls) == 2 and torch.equal(y.detach(), y_nograd)  # x in forward, the gradient in backward
+
+
 # ----------------------------------------------------------------------------- filter/report
 def test_filter_decisions():
     opts = Fp8Options(**ON, min_dim=64)
