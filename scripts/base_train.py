@@ -586,8 +586,8 @@ def main():
     t_mark = None
     loss_reader = ScalarReader(device)
     peak_step_mem = 0.0  # MiB, the largest per-step peak of this process
-    run_step_time, timed_steps = 0.0, 0  # this process's steps after its first: steady tok/s and ETA
-    step_times: list[float] = []  # the same steps' intervals, for the median and the slow steps
+    run_step_time = 0.0  # this process's steps after its first (with settle()'s tails): steady tok/s and ETA
+    step_times: list[float] = []  # those steps' intervals: their count, the median and the slow steps
     metrics = open(args.metrics_file, "a", encoding="utf-8") if (args.metrics_file and master) else None
 
     def log_metrics(record: dict) -> None:
@@ -911,7 +911,6 @@ def main():
         else:
             total_training_time += dt
             run_step_time += dt
-            timed_steps += 1
             step_times.append(dt)
         step_mem = max(max_memory(), mem_probe.step_peak()) / 2**20
         peak_step_mem = max(peak_step_mem, step_mem)
@@ -929,7 +928,7 @@ def main():
         if time_budget:
             eta = f"{max(0.0, time_budget - train_elapsed) / 60:.1f}m of budget"
         else:
-            eta = f"{(num_iterations - step - 1) * run_step_time / timed_steps / 60:.1f}m" if timed_steps else "-"
+            eta = f"{(num_iterations - step - 1) * run_step_time / len(step_times) / 60:.1f}m" if step_times else "-"
         horizon = "" if time_budget and args.num_iterations <= 0 else f"/{num_iterations}"
         print0(f"step {step:05d}{horizon} | loss {debiased:.4f} | lrm {lrm:.2f} | dt {dt * 1000:.1f}ms | "
                f"tok/s {tok_per_sec:,.0f}{mfu}{mem}{active} | eta {eta}")
@@ -957,7 +956,7 @@ def main():
 
     # -----------------------------------------------------------------------------
     # Summary
-    steady_tok = timed_steps * total_batch_size / run_step_time if run_step_time > 0 else float("nan")
+    steady_tok = len(step_times) * total_batch_size / run_step_time if run_step_time > 0 else float("nan")
     peak_mem = f"{peak_step_mem:,.0f}MiB" if device_type == "cuda" else "n/a (cpu)"
     print0(f"done: {step - first_step} steps | training time {run_step_time:.1f}s excluding first step "
            f"({compile_sec or 0:.1f}s incl. compile) | steady tok/s {steady_tok:,.0f} | peak memory {peak_mem} | "
