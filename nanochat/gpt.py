@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from nanochat.attention import attention
 from nanochat.common import print0
 from nanochat.lm_head import lm_head_loss
+from nanochat.softcap_ce import softcap_ce_rows
 
 
 @dataclass
@@ -150,6 +151,7 @@ class GPT(nn.Module):
         self.compute_dtype = torch.float32
         self.lm_ce_backend = "baseline"
         self.lm_ce_chunk_size = 4096
+        self.lm_ce_kernel = "inductor"  # or "triton": nanochat.softcap_ce for the baseline backend (CUDA)
         self._head_fn = self._head_loss
         self._compiled = False
 
@@ -299,8 +301,11 @@ class GPT(nn.Module):
         x = norm(x)
         if self.lm_ce_backend == "baseline":
             # Through the module so that an FP8-converted lm_head is used.
-            logits = self.lm_head(x).float()
-            logits = self.config.softcap * torch.tanh(logits / self.config.softcap)
+            logits = self.lm_head(x)
+            if self.lm_ce_kernel == "triton":
+                rows = softcap_ce_rows(logits.view(-1, logits.size(-1)), targets.reshape(-1), self.config.softcap)
+                return reduce_row_losses(rows, targets, loss_reduction)
+            logits = self.config.softcap * torch.tanh(logits.float() / self.config.softcap)
             return lm_head_loss_from_logits(logits, targets, loss_reduction)
         return lm_head_loss(x, self.lm_head.weight, targets, softcap=self.config.softcap,
                             backend=self.lm_ce_backend, chunk_size=self.lm_ce_chunk_size,
@@ -362,14 +367,28 @@ def inductor_settings() -> None:
     inductor_config.triton.autotune_pointwise = False
 
 
+def start_compile_workers() -> None:
+    """Start inductor's pool of kernel-compiling worker processes now rather than at the first
+    compile. Each worker imports torch before it can build a Triton kernel (seconds on a cold
+    machine); started at launch, that overlaps with loading the tokenizer, building the model and
+    the first batch instead of adding to the first step. No-op where inductor would compile in
+    the main process (one compile thread, or no Triton)."""
+    from torch._inductor.async_compile import maybe_warm_pool
+    maybe_warm_pool()
+
+
 def lm_head_loss_from_logits(logits, targets, reduction: str = "mean"):
     """Cross-entropy over (already softcapped, fp32) logits with ignore_index=-1; a mean over
     zero valid targets is 0 rather than NaN, so an all-ignored batch never poisons a step."""
-    flat_targets = targets.reshape(-1)
-    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), flat_targets, ignore_index=-1, reduction="none")
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction="none")
+    return reduce_row_losses(loss, targets, reduction)
+
+
+def reduce_row_losses(loss, targets, reduction: str):
+    """Per-token losses (N,) with 0 at ignored (-1) targets -> the requested reduction."""
     if reduction == "none":
         return loss.view_as(targets)
     total = loss.sum()
     if reduction == "sum":
         return total
-    return total / (flat_targets != -1).sum().clamp(min=1)
+    return total / (targets != -1).sum().clamp(min=1)

@@ -116,6 +116,7 @@ int_opt MUON_STACK_CHUNK_SIZE --muon-stack-chunk-size
 # LM-head cross-entropy
 choice_opt LM_CE_BACKEND --lm-ce-backend "baseline chunked"
 int_opt LM_CE_CHUNK_SIZE --lm-ce-chunk-size
+choice_opt LM_CE_KERNEL --lm-ce-kernel "auto triton inductor"
 
 read -r -a EXTRA <<< "${BASE_TRAIN_EXTRA_ARGS:-}"
 if [[ "$NPROC_PER_NODE" == 1 ]]; then

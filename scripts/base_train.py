@@ -47,8 +47,9 @@ from nanochat.engine import eval_mode, sample_prompts
 from nanochat.evaluation import evaluate_bpb
 from nanochat.fp8 import (Fp8Options, check_fp8_hardware, convert_to_fp8, set_fp8_weight_cache,
                           validate_fp8_options)
-from nanochat.gpt import GPT, GPTConfig, validate_window_pattern
+from nanochat.gpt import GPT, GPTConfig, start_compile_workers, validate_window_pattern
 from nanochat.optim import MuonAdamW
+from nanochat.softcap_ce import choose_kernel as choose_ce_kernel
 from nanochat.runconfig import (dry_run_report, horizon_problems, model_config_from_args, parse_with_config,
                                 plan_horizon, resolve_resume, run_problems, scaling_params)
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
@@ -155,8 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "temporary memory and keeps its shapes fixed (0 = one stack per matrix shape)")
     g = p.add_argument_group("lm-head cross-entropy")
     g.add_argument("--lm-ce-backend", type=str, default="baseline", choices=["baseline", "chunked"],
-                   help="baseline materialises the full fp32 logits; chunked never does (exact grads, far less memory)")
+                   help="baseline materialises the full (tokens x vocab) logits (bf16 when compiled, fp32 eager); chunked never "
+                        "does (exact grads, far less memory)")
     g.add_argument("--lm-ce-chunk-size", type=int, default=8192, help="rows (tokens) per chunk of the chunked cross-entropy")
+    g.add_argument("--lm-ce-kernel", type=str, default="auto", choices=["auto", "triton", "inductor"],
+                   help="how the baseline backend turns the bf16 logits into the softcapped loss: triton = two Triton kernels "
+                        "(nanochat/softcap_ce.py: one pass each way, hardware tanh; CUDA only), inductor = the loss in "
+                        "PyTorch, compiled by torch.compile; auto = triton where it can run, else inductor")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-every", type=int, default=250, help="evaluate val bpb every N steps and at the end (-1 = disabled)")
     g.add_argument("--eval-tokens", type=int, default=40 * 524288, help="tokens of the validation split per evaluation")
@@ -249,6 +255,10 @@ def validate_args(args: argparse.Namespace) -> list[str]:
     need(args.lm_ce_chunk_size >= 1, f"--lm-ce-chunk-size={args.lm_ce_chunk_size} must be >= 1")
     need(args.lm_ce_backend == "chunked" or args.lm_ce_chunk_size == build_parser().get_default("lm_ce_chunk_size"),
          f"--lm-ce-chunk-size={args.lm_ce_chunk_size} only applies with --lm-ce-backend=chunked")
+    try:  # the device is known only after compute_init, which checks again; an empty type means CUDA if present
+        choose_ce_kernel(args.lm_ce_kernel, args.device_type or "cuda", args.lm_ce_backend, GPTConfig.softcap)
+    except ValueError as e:
+        problems.append(str(e))
     need(args.eval_every == -1 or args.eval_every >= 1, f"--eval-every={args.eval_every} must be >= 1 or -1 (disabled)")
     need(args.eval_tokens >= 1, f"--eval-tokens={args.eval_tokens} must be >= 1")
     need(args.core_metric_every == -1 or args.core_metric_every >= 1,
@@ -298,6 +308,7 @@ def parse_args(argv: list[str] | None = None, with_sources: bool = False):
 
 
 def main():
+    t_launch = time.time()
     # -----------------------------------------------------------------------------
     # Arguments: parsed and validated before anything touches a device.
     args, sources = parse_args(with_sources=True)
@@ -324,6 +335,8 @@ def main():
     except UsageError as e:
         fail([str(e)])
     master = rank == 0
+    if device_type == "cuda" and not args.no_compile:
+        start_compile_workers()  # they start up while the tokenizer, model and data load
     if args.fp8:
         hw_problem = check_fp8_hardware(device_type)
         if hw_problem:
@@ -363,10 +376,17 @@ def main():
     model.compute_dtype = compute_dtype
     model.lm_ce_backend = args.lm_ce_backend
     model.lm_ce_chunk_size = args.lm_ce_chunk_size
+    try:
+        model.lm_ce_kernel, ce_reason = choose_ce_kernel(args.lm_ce_kernel, device_type, args.lm_ce_backend,
+                                                         model_config.softcap)
+    except ValueError as e:
+        fail([str(e)])
     attn_backend, attn_reason = select_attention_backend(device_type, args.window_pattern, compute_dtype)
     model.attn_backend = attn_backend
     print0(f"model: {json.dumps(asdict(model_config))}")
     print0(f"attention backend: {attn_backend} ({attn_reason})")
+    print0(f"lm-head loss: {args.lm_ce_backend}" + (f", {model.lm_ce_kernel} kernel ({ce_reason})"
+                                                   if args.lm_ce_backend == "baseline" else ""))
     param_counts = model.num_scaling_params()
     print0("parameters: " + ", ".join(f"{k}={v:,}" for k, v in param_counts.items()))
     flops_per_token = model.estimate_flops()
@@ -578,7 +598,7 @@ def main():
         total_training_time = 0.0  # step time excluding each process's first (compiling) step
         train_elapsed = 0.0  # all step time, compile included: what --time-budget-sec spends
     first_step = step
-    compile_sec = None
+    compile_sec = launch_sec = None
     # The step clock runs from one loss read to the next, without a device sync in between: the
     # loss is read with the optimizer still queued, and the next step is launched while it runs,
     # so the GPU never waits for the host's logging and launch work between steps. `t_mark` is
@@ -908,6 +928,7 @@ def main():
         train_elapsed += dt
         if step == first_step:
             compile_sec = dt
+            launch_sec = t_mark - t_launch  # setup, any evaluation at this step, and the first step
         else:
             total_training_time += dt
             run_step_time += dt
@@ -959,14 +980,14 @@ def main():
     steady_tok = len(step_times) * total_batch_size / run_step_time if run_step_time > 0 else float("nan")
     peak_mem = f"{peak_step_mem:,.0f}MiB" if device_type == "cuda" else "n/a (cpu)"
     print0(f"done: {step - first_step} steps | training time {run_step_time:.1f}s excluding first step "
-           f"({compile_sec or 0:.1f}s incl. compile) | steady tok/s {steady_tok:,.0f} | peak memory {peak_mem} | "
+           f"({compile_sec or 0:.1f}s incl. compile, done {launch_sec or 0:.1f}s after launch) | steady tok/s {steady_tok:,.0f} | peak memory {peak_mem} | "
            f"min val bpb " + (f"{min_val_bpb:.4f}" if math.isfinite(min_val_bpb) else "n/a (no eval)"))
     if stats := step_time_stats(step_times, total_batch_size):
         print0(f"step times: median {stats['median_step_sec'] * 1000:.1f}ms ({stats['median_tok_per_sec']:,.0f} tok/s); "
                f"{stats['slow_steps']} steps above {stats['slow_factor']}x the median took "
                f"{stats['slow_excess_sec']:.2f}s more than median steps would have")
     summary = {"kind": "summary", "steps": step, "steps_this_run": step - first_step, "train_elapsed": train_elapsed,
-               "first_step_sec": compile_sec, "steady_tok_per_sec": steady_tok,
+               "first_step_sec": compile_sec, "launch_to_first_step_end_sec": launch_sec, "steady_tok_per_sec": steady_tok,
                "peak_mib": peak_step_mem if device_type == "cuda" else None,
                "final_val_bpb": val_bpb, "min_val_bpb": min_val_bpb if math.isfinite(min_val_bpb) else None,
                "final_loss_ema": smooth_loss / (1 - 0.9 ** step) if step > 0 else None,

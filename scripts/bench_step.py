@@ -39,6 +39,9 @@ def parse():
     p.add_argument("--window-pattern", type=str, default="L")
     p.add_argument("--attn-backend", type=str, default="sdpa")
     p.add_argument("--lm-ce-backend", type=str, default="baseline")
+    p.add_argument("--ce-kernel", type=str, default="triton",
+                   help="comma-separated: triton (nanochat.softcap_ce's kernels; base_train's default on CUDA), "
+                        "inductor (the loss in PyTorch, compiled): the baseline head's softcapped CE")
     p.add_argument("--active-starts", type=str, default="0", help="comma-separated active_start values")
     p.add_argument("--compile", type=str, default="regional", help="comma-separated: regional, whole, none")
     p.add_argument("--muon-active-only-stack", action="store_true")
@@ -64,7 +67,7 @@ def parse():
     return p.parse_args()
 
 
-def build(args, device, compile_ortho=True, fp8="off", muon_fuse=True, muon_pack=True):
+def build(args, device, compile_ortho=True, fp8="off", muon_fuse=True, muon_pack=True, ce_kernel="triton"):
     dim = ((args.depth * args.aspect_ratio + args.head_dim - 1) // args.head_dim) * args.head_dim
     cfg = GPTConfig(sequence_len=args.max_seq_len, vocab_size=args.vocab_size, n_layer=args.depth,
                     n_head=dim // args.head_dim, n_kv_head=dim // args.head_dim, n_embd=dim,
@@ -76,6 +79,7 @@ def build(args, device, compile_ortho=True, fp8="off", muon_fuse=True, muon_pack
     model.compute_dtype = torch.bfloat16
     model.attn_backend = args.attn_backend
     model.lm_ce_backend = args.lm_ce_backend
+    model.lm_ce_kernel = ce_kernel
     if fp8 != "off":
         opts = Fp8Options(enabled=True, backend=fp8.split("-")[0], no_allow_in_graph=fp8.endswith("-traced"),
                           exclude_regex=args.fp8_exclude_regex, fast_accum=args.fp8_fast_accum)
@@ -145,14 +149,15 @@ def main():
     y = torch.randint(0, args.vocab_size, (B, T), device=device)
     rows = []
     variants = list(itertools.product(*(getattr(args, a).split(",") for a in
-                                        ("compile", "ortho", "fp8", "muon_fuse", "muon_pack"))))
-    for mode, ortho, fp8, fuse, pack in variants:
+                                        ("compile", "ortho", "fp8", "muon_fuse", "muon_pack", "ce_kernel"))))
+    for mode, ortho, fp8, fuse, pack, ce_kernel in variants:
         torch._dynamo.reset()
         torch.manual_seed(0)
         model, opt = build(args, device, compile_ortho=(ortho == "compiled"), fp8=fp8, muon_fuse=fuse == "on",
-                           muon_pack=pack == "on")
+                           muon_pack=pack == "on", ce_kernel=ce_kernel)
         name = (f"{mode}/{ortho}" + ("" if fp8 == "off" else f"/fp8-{fp8}")
-                + ("" if fuse == "on" else "/muon-eager") + ("" if pack == "on" else "/unpacked"))
+                + ("" if fuse == "on" else "/muon-eager") + ("" if pack == "on" else "/unpacked")
+                + ("" if ce_kernel == "triton" else f"/ce-{ce_kernel}"))
         fwd = model
         if mode == "regional":
             model.compile_regions(dynamic=False)

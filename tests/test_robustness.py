@@ -206,6 +206,8 @@ BAD_INPUTS = [
     (["--resume-latest"], "--resume-latest: no complete checkpoint"),
     (["--resume-latest", "--dry-run"], "--resume-latest: no complete checkpoint"),
     (["--lm-ce-backend=fast"], "--lm-ce-backend"),
+    (["--lm-ce-kernel=triton"], "--lm-ce-kernel=triton cannot run: its kernels need a CUDA device"),
+    (["--lm-ce-kernel=triton", "--lm-ce-backend=chunked"], "--lm-ce-kernel=triton cannot run: it computes the baseline"),
 ]
 
 

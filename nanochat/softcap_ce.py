@@ -1,0 +1,133 @@
+"""Softcapped cross-entropy over bf16 logits in two Triton kernels (CUDA only).
+
+The loss of the model's head is ``CE(cap * tanh(z / cap), targets)`` over N rows of V bf16 logits
+``z``. Compiled by inductor it is two memory-sized passes over the (N, V) logits (one in forward,
+one in backward) whose time on the H100 is set by arithmetic, not by memory: every element pays
+for ``libdevice.tanh`` and ``libdevice.exp`` (several instructions each), and the forward keeps a
+running maximum for the log-sum-exp. Two facts make a cheaper kernel possible:
+
+- The softcap bounds every logit to [-cap, cap], so ``exp(c - cap)`` lies in [e^(-2 cap), 1]
+  (about [1e-13, 1] for cap = 15): the log-sum-exp needs no running maximum and one pass.
+- ``tanh.approx.f32`` is a single hardware instruction (relative error about 2^-11). The input is
+  a bf16 logit whose own rounding error (2^-9 relative) is four times larger, so the approximation
+  adds nothing a bf16 model can see. ``exp`` uses ``ex2.approx`` likewise.
+
+Forward writes the per-row loss and log-sum-exp (N floats each); backward re-reads the bf16
+logits and writes their bf16 gradient ``(softmax - onehot) * g * (1 - tanh^2)`` (the chain rule
+through the softcap). The matmuls around it stay cuBLAS's, so nothing inductor could have fused
+is lost: the logits arrive from a GEMM and their gradient leaves into two GEMMs.
+
+Registered as an opaque ``torch.library.custom_op`` (with fake implementations for tracing and an
+autograd formula): torch.compile calls it between the GEMMs without a graph break, and the kernels
+are built by Triton's own JIT at the first call. (As a ``triton_op``, which inductor re-generates
+and builds in its worker processes, the compile failed on the H100; there is nothing to fuse it
+with anyway.) Rows whose target is -1 (the repo's ignore index) get loss 0 and gradient 0.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+import torch
+
+KERNELS = ("auto", "triton", "inductor")
+# Triton ships with CUDA builds of torch, not with CPU-only ones. It is imported only when a kernel
+# first runs, so that CPU runs never load it.
+_HAVE_TRITON = importlib.util.find_spec("triton") is not None
+# One launch configuration, chosen on the H100 at V = 32768 (docs/optimizations/throughput.md).
+_BLOCK, _WARPS = 4096, 8
+
+
+def available(device: torch.device | str) -> bool:
+    """True where the kernels can run: a CUDA device and an importable Triton."""
+    return _HAVE_TRITON and torch.device(device).type == "cuda"
+
+
+def choose_kernel(requested: str, device_type: str, ce_backend: str, softcap: float | None) -> tuple[str, str]:
+    """(kernel, reason) for the baseline head's loss: 'triton' (this module) or 'inductor' (the
+    loss written in PyTorch and compiled, or run eagerly). ValueError, with the fix, when an
+    explicit 'triton' cannot run here."""
+    if requested not in KERNELS:
+        raise ValueError(f"--lm-ce-kernel={requested!r} must be one of {', '.join(KERNELS)}")
+    why_not = None
+    if ce_backend != "baseline":
+        why_not = f"it computes the baseline backend's loss (--lm-ce-backend={ce_backend} has its own)"
+    elif device_type != "cuda":
+        why_not = f"its kernels need a CUDA device (this run is on {device_type})"
+    elif not _HAVE_TRITON:
+        why_not = "Triton is not importable (a CPU-only torch build?)"
+    elif softcap is None or softcap <= 0:
+        why_not = "it needs the logit softcap (which bounds the logits)"
+    if requested == "triton":
+        if why_not:
+            raise ValueError(f"--lm-ce-kernel=triton cannot run: {why_not}; use --lm-ce-kernel=auto")
+        return "triton", "requested explicitly"
+    if requested == "inductor":
+        return "inductor", "requested explicitly"
+    if why_not:
+        return "inductor", f"auto: the Triton kernel does not apply, {why_not}"
+    return "triton", "auto: CUDA with Triton; one pass each way over the logits, hardware tanh"
+
+
+def _kernels():
+    return importlib.import_module("nanochat.softcap_ce_kernels")
+
+
+@torch.library.custom_op("nanochat::softcap_ce_fwd", mutates_args=())
+def _fwd_op(z: torch.Tensor, targets: torch.Tensor, cap: float, fast: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    N, V = z.shape
+    loss = torch.empty(N, device=z.device, dtype=torch.float32)
+    lse = torch.empty(N, device=z.device, dtype=torch.float32)
+    _kernels().ce_fwd_kernel[(N,)](z, targets, loss, lse, V, z.stride(0), cap, 1.0 / cap,
+                         BLOCK=_BLOCK, FAST=fast, num_warps=_WARPS)
+    return loss, lse
+
+
+@_fwd_op.register_fake
+def _(z, targets, cap, fast):
+    return z.new_empty(z.shape[0], dtype=torch.float32), z.new_empty(z.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("nanochat::softcap_ce_bwd", mutates_args=())
+def _bwd_op(z: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, grad_rows: torch.Tensor,
+            cap: float, fast: bool) -> torch.Tensor:
+    N, V = z.shape
+    dz = torch.empty_like(z)
+    _kernels().ce_bwd_kernel[(N,)](z, targets, lse, grad_rows, dz, V, z.stride(0), dz.stride(0), cap, 1.0 / cap,
+                         BLOCK=_BLOCK, FAST=fast, num_warps=_WARPS)
+    return dz
+
+
+@_bwd_op.register_fake
+def _(z, targets, lse, grad_rows, cap, fast):
+    return torch.empty_like(z)
+
+
+def _setup_context(ctx, inputs, output):
+    z, targets, cap, fast = inputs
+    ctx.save_for_backward(z, targets, output[1])
+    ctx.cap, ctx.fast = cap, fast
+
+
+def _backward(ctx, grad_loss, grad_lse):
+    z, targets, lse = ctx.saved_tensors
+    grad_rows = grad_loss.float().contiguous()
+    return _bwd_op(z, targets, lse, grad_rows, ctx.cap, ctx.fast), None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def softcap_ce_rows(z: torch.Tensor, targets: torch.Tensor, cap: float, fast: bool = True) -> torch.Tensor:
+    """Per-row loss (N,) fp32 of ``CE(cap * tanh(z / cap), targets)`` for bf16/fp16/fp32 logits z
+    (N, V) with a unit stride along V; rows with target -1 give 0. CUDA + Triton only (see
+    `available`); ``fast=False`` computes tanh from ``exp`` (accurate to ~1e-7 absolute) instead of the hardware
+    approximation; it also runs under ``TRITON_INTERPRET=1`` on CPU, which the tests use."""
+    if not _HAVE_TRITON:
+        raise RuntimeError("softcap_ce_rows needs Triton (a CUDA build of torch)")
+    if cap <= 0:
+        raise ValueError(f"softcap_ce_rows needs a positive softcap (it bounds the logits), got {cap}")
+    if z.dim() != 2 or z.stride(1) != 1:
+        raise ValueError(f"logits must be (N, V) with unit stride along V, got shape {tuple(z.shape)} "
+                         f"strides {z.stride()}")
+    return _fwd_op(z, targets.contiguous(), float(cap), bool(fast))[0]
