@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.softcap_ce import choose_kernel as choose_ce_kernel
 
 # nanochat tuned its defaults at d12 with 2^19-token batches; the auto batch size and the weight
 # decay scale from there.
@@ -290,7 +291,8 @@ ACT_ELEMS_PER_TOKEN_DIM_LAYER = 19
 
 
 def estimate_memory(cfg: GPTConfig, device_batch_size: int, *, compute_bytes: int = 2, compiled: bool = True,
-                    lm_ce_backend: str = "baseline", lm_ce_chunk_size: int = 8192) -> dict[str, int]:
+                    lm_ce_backend: str = "baseline", lm_ce_chunk_size: int = 8192,
+                    lm_ce_kernel: str = "inductor") -> dict[str, int]:
     """Estimated bytes on one device during a full (every block trains) training step.
 
     Parameters and gradients are fp32 (the model's master weights); AdamW (embedding, lm_head,
@@ -298,11 +300,12 @@ def estimate_memory(cfg: GPTConfig, device_batch_size: int, *, compute_bytes: in
     (`compute_bytes` = 2) the matmul weights also get bf16 copies. Activations: 19 saved elements
     per token, per layer, per model dim (measured), in the compute dtype. The LM-head loss (see
     docs/optimizations/lm_head_ce.md): baseline keeps the full (tokens x vocab) logits -- about one
-    compute-dtype copy when compiled, about four fp32 copies at the peak when eager; chunked keeps
+    compute-dtype copy when compiled, two with the Triton loss (`lm_ce_kernel="triton"`: logits and
+    their gradient, nanochat/softcap_ce.py), about four fp32 copies at the peak when eager; chunked keeps
     an fp32 dW and dx plus (chunk x vocab) temporaries. Sanity check against the d12 anchor (bf16,
     compiled, baseline CE, batch 32 x 1024, vocab 32768; a reference nanochat measured 14.8 GiB
     on an H100): this gives
-    14.8 GiB. FP8 and frozen-prefix (dynamic_suffix) savings are not modelled: full steps peak.
+    14.8 GiB; this repo measured 13.9 GiB, and 15.8 GiB with the Triton loss (estimate 16.8 GiB). FP8 and frozen-prefix (dynamic_suffix) savings are not modelled: full steps peak.
 
     Returns the components and 'peak' (their sum, or the optimizer step's peak if larger).
     """
@@ -326,7 +329,8 @@ def estimate_memory(cfg: GPTConfig, device_batch_size: int, *, compute_bytes: in
         "activations": compute_bytes * n_tok * d * (ACT_ELEMS_PER_TOKEN_DIM_LAYER * cfg.n_layer + 4),
     }
     if lm_ce_backend == "baseline":
-        out["lm_head_loss"] = n_tok * vocab * (compute_bytes if compiled else 16)
+        copies = 2 * compute_bytes if lm_ce_kernel == "triton" else (compute_bytes if compiled else 16)
+        out["lm_head_loss"] = n_tok * vocab * copies
     else:
         chunk = min(lm_ce_chunk_size, n_tok)
         out["lm_head_loss"] = 4 * vocab * d + compute_bytes * n_tok * d + chunk * vocab * (2 * compute_bytes if compiled else 12)
@@ -406,8 +410,13 @@ def dry_run_report(args: argparse.Namespace, sources: dict, device_type: str, wo
     on_gpu = device_type in ("cuda", "")
     compute_bytes = 2 if on_gpu else 4
     compiled = not args.no_compile
+    try:  # as base_train resolves it on the device (an empty --device-type means CUDA if present)
+        ce_kernel = choose_ce_kernel(args.lm_ce_kernel, device_type or "cuda", args.lm_ce_backend, cfg.softcap)[0]
+    except ValueError as e:
+        return "", [str(e)]
     mem = estimate_memory(cfg, args.device_batch_size, compute_bytes=compute_bytes, compiled=compiled,
-                          lm_ce_backend=args.lm_ce_backend, lm_ce_chunk_size=args.lm_ce_chunk_size)
+                          lm_ce_backend=args.lm_ce_backend, lm_ce_chunk_size=args.lm_ce_chunk_size,
+                          lm_ce_kernel=ce_kernel)
 
     width = max(len(k) for k in vars(args)) + 2
     lines = ["dry run: flags validated; no device, data or weights touched",

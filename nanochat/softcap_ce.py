@@ -21,7 +21,14 @@ Registered as an opaque ``torch.library.custom_op`` (with fake implementations f
 autograd formula): torch.compile calls it between the GEMMs without a graph break, and the kernels
 are built by Triton's own JIT at the first call. (As a ``triton_op``, which inductor re-generates
 and builds in its worker processes, the compile failed on the H100; there is nothing to fuse it
-with anyway.) Rows whose target is -1 (the repo's ignore index) get loss 0 and gradient 0.
+with anyway.)
+
+Memory: the backward allocates the (N, V) gradient while the saved logits are still alive, one
+(N, V) bf16 tensor more at the peak than inductor's loss (+1.96 GiB at the d12 anchor). Writing
+the gradient over the logits instead removed that but also the speed-up (measured; see
+docs/optimizations/throughput.md 9a), so it is not done.
+
+Rows whose target is -1 (the repo's ignore index) get loss 0 and gradient 0.
 """
 from __future__ import annotations
 

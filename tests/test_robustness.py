@@ -129,6 +129,9 @@ def test_memory_estimate_components():
     base = estimate_memory(big, 32)
     chunked = estimate_memory(big, 32, lm_ce_backend="chunked")
     assert chunked["lm_head_loss"] < base["lm_head_loss"] < estimate_memory(big, 32, compiled=False)["lm_head_loss"]
+    # the Triton loss keeps the logits' gradient beside the logits: one more (tokens x vocab) tensor
+    triton = estimate_memory(big, 32, lm_ce_kernel="triton")
+    assert triton["lm_head_loss"] == 2 * base["lm_head_loss"] and triton["peak"] > base["peak"]
     assert 13.5 < base["peak"] / 2 ** 30 < 16  # the d12 anchor measured 14.8 GiB (see estimate_memory)
 
 
