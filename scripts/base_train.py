@@ -980,7 +980,8 @@ def main():
     steady_tok = len(step_times) * total_batch_size / run_step_time if run_step_time > 0 else float("nan")
     peak_mem = f"{peak_step_mem:,.0f}MiB" if device_type == "cuda" else "n/a (cpu)"
     print0(f"done: {step - first_step} steps | training time {run_step_time:.1f}s excluding first step "
-           f"({compile_sec or 0:.1f}s incl. compile, done {launch_sec or 0:.1f}s after launch) | steady tok/s {steady_tok:,.0f} | peak memory {peak_mem} | "
+           f"({compile_sec or 0:.1f}s incl. compile, done {launch_sec or 0:.1f}s after launch) | "
+           f"steady tok/s {steady_tok:,.0f} | peak memory {peak_mem} | "
            f"min val bpb " + (f"{min_val_bpb:.4f}" if math.isfinite(min_val_bpb) else "n/a (no eval)"))
     if stats := step_time_stats(step_times, total_batch_size):
         print0(f"step times: median {stats['median_step_sec'] * 1000:.1f}ms ({stats['median_tok_per_sec']:,.0f} tok/s); "

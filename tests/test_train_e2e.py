@@ -32,6 +32,9 @@ def test_tiny_training_learns_and_saves(trained_base):
     assert os.path.exists(os.path.join(ckpt, "DONE"))
     assert "done: 30 steps" in out.stdout
     assert re.search(r"^step times: median [\d.]+ms \([\d,]+ tok/s\); \d+ steps above 1.25x", out.stdout, re.M)
+    assert re.search(r"done \d+\.\ds after launch\)", out.stdout)
+    # the run says which loss it uses, and why (the Triton kernels need CUDA)
+    assert "lm-head loss: baseline, inductor kernel (auto: the Triton kernel does not apply, its kernels need a CUDA device" in out.stdout
 
 
 def test_resume_parity_2n_straight_vs_n_resume_n(trained_base):
