@@ -445,7 +445,8 @@ def dry_run_report(args: argparse.Namespace, sources: dict, device_type: str, wo
     dtype = "bf16 autocast" if compute_bytes == 2 else "fp32"
     parts = ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in mem.items() if k != "peak")
     lines.append(f"estimated peak memory per device: {_fmt_bytes(mem['peak'])} (device batch {args.device_batch_size} x "
-                 f"{args.max_seq_len}, {dtype}, {'compiled' if compiled else 'eager'}, {args.lm_ce_backend} CE): {parts}")
+                 f"{args.max_seq_len}, {dtype}, {'compiled' if compiled else 'eager'}, {args.lm_ce_backend} CE"
+                 f"{', ' + ce_kernel + ' loss kernel' if args.lm_ce_backend == 'baseline' else ''}): {parts}")
     lines.append(resume_line)
     for n in notes:
         lines.append(f"note: {n}")

@@ -49,9 +49,9 @@ from nanochat.fp8 import (Fp8Options, check_fp8_hardware, convert_to_fp8, set_fp
                           validate_fp8_options)
 from nanochat.gpt import GPT, GPTConfig, start_compile_workers, validate_window_pattern
 from nanochat.optim import MuonAdamW
-from nanochat.softcap_ce import choose_kernel as choose_ce_kernel
 from nanochat.runconfig import (dry_run_report, horizon_problems, model_config_from_args, parse_with_config,
                                 plan_horizon, resolve_resume, run_problems, scaling_params)
+from nanochat.softcap_ce import choose_kernel as choose_ce_kernel
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 
 _DYN = DynamicSuffixConfig()  # the controller's defaults are the flags' defaults

@@ -270,6 +270,16 @@ def test_dry_run_prints_the_plan_and_touches_nothing(trained_base, tmp_path):
     assert not os.path.exists(os.path.join(trained_base, "base_data"))  # the data was never looked at
 
 
+def test_dry_run_names_the_loss_kernel_and_counts_its_memory(trained_base):
+    args = ["-m", "scripts.base_train", "--depth=2", "--max-seq-len=64", "--device-batch-size=4",
+            "--total-batch-size=256", "--num-iterations=5", "--dry-run", "--device-type=cpu"]
+    text = run(args, trained_base).stdout
+    assert re.search(r"estimated peak memory per device: .* \(device batch 4 x 64, fp32, compiled, baseline CE, "
+                     r"inductor loss kernel\)", text)
+    out = run(args + ["--lm-ce-kernel=triton"], trained_base, check=False)
+    assert out.returncode == 2 and "--lm-ce-kernel=triton cannot run: its kernels need a CUDA device" in out.stderr
+
+
 # ---------------------------------------------------------------------------------------------
 # non-finite steps, spikes, retention, kill during save, SIGTERM (e2e)
 
