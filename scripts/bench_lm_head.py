@@ -1,7 +1,8 @@
 """Benchmark the LM-head cross-entropy backends on one CUDA GPU (the loss alone).
 
 For N = batch * seq rows it times forward + backward of ``lm_head_loss`` for baseline and chunked,
-eager and torch.compile'd, interleaved (variant order rotates every repeat), and reports the
+and of the model's Triton loss (``triton``: the head matmul, then nanochat.softcap_ce's kernels on
+the bf16 logits, as ``--lm-ce-kernel=triton`` runs it), eager and torch.compile'd, interleaved (variant order rotates every repeat), and reports the
 median, tokens/s, the ratio to eager baseline and the peak memory (torch.cuda.max_memory_allocated
 after a reset, with the inputs already allocated: "peak" includes x, W and their grads, "extra"
 is peak minus what was allocated before the step). Then, for each variant, it finds the largest
@@ -11,6 +12,7 @@ the GPU empty. Compile time is reported apart from step time.
     python -m scripts.bench_lm_head                       # d12 shapes: 32 x 2048, 768, 32768
     python -m scripts.bench_lm_head --search none         # timings and memory only
     python -m scripts.bench_lm_head --chunk-size 8192 --variants chunked-eager,chunked-compile
+    python -m scripts.bench_lm_head --seq 1024 --variants baseline-compile,triton-compile --search none
 
 Note: compiled variants recompile for every batch size tried in the search (dynamic=False), and
 the chunked graph unrolls N / chunk_size chunks (compile time grows with N), so the compiled
@@ -26,9 +28,11 @@ import time
 
 import torch
 
+from nanochat.gpt import reduce_row_losses
 from nanochat.lm_head import lm_head_loss
+from nanochat.softcap_ce import softcap_ce_rows
 
-VARIANTS = ("baseline-eager", "chunked-eager", "baseline-compile", "chunked-compile")
+VARIANTS = ("baseline-eager", "chunked-eager", "baseline-compile", "chunked-compile", "triton-eager", "triton-compile")
 GIB = 1024 ** 3
 
 
@@ -64,6 +68,8 @@ def parse_args(argv=None):
     bad = [v for v in args.variants if v not in VARIANTS]
     if bad:
         problems.append(f"--variants: unknown {bad}; choose from {VARIANTS}")
+    if any(v.startswith("triton") for v in args.variants) and args.softcap <= 0:
+        problems.append("--softcap must be > 0 for the triton variants (the kernels rely on it)")
     if problems:
         p.error("; ".join(problems))
     return args
@@ -74,6 +80,8 @@ def make_fn(variant, args):
     backend, mode = variant.split("-")
 
     def loss_fn(x, w, t):
+        if backend == "triton":  # as GPT._head_loss with lm_ce_kernel="triton"
+            return reduce_row_losses(softcap_ce_rows(x @ w.t(), t, args.softcap), t, "mean")
         return lm_head_loss(x, w, t, softcap=args.softcap, backend=backend,
                             chunk_size=args.chunk_size, reduction="mean")
 
