@@ -1,6 +1,11 @@
 """Summarise a `runs/dynamic_suffix_compare.sh` results dir (docs/compare.md defines every number).
 
     python -m scripts.compare_report RESULTS_DIR
+    python -m scripts.compare_report RESULTS_DIR [RESULTS_DIR ...] --out MERGED_DIR
+
+The second form merges comparisons that ran as separate calls of the runner (e.g. one seed per
+job on a machine that limits a command's time) into one report in MERGED_DIR, read from the
+source dirs in place; a run_id (e.g. `full_s1`) may occur in only one of them.
 
 Reads `runs.tsv` (one line per run, written by the runner: seed, run order, the run's wall time,
 exit code, command) and each run's `--metrics-file` JSONL (base_train's step / eval / summary
@@ -601,13 +606,29 @@ def _r(v, digits=3) -> str:
     return NA if v is None else f"{v:.{digits}f}"
 
 
-def write_report(results_dir: str) -> dict:
-    runs = read_runs(results_dir)
-    if not runs:
-        raise SystemExit(f"compare_report: no runs.tsv and no *.metrics.jsonl in {results_dir}")
+def read_sources(source_dirs: list[str]) -> list[dict]:
+    """The runs of every source dir, each tagged with its dir (`_dir`); a run_id twice is an error."""
+    runs, where = [], {}
+    for d in source_dirs:
+        found = read_runs(d)
+        if not found:
+            raise SystemExit(f"compare_report: no runs.tsv and no *.metrics.jsonl in {d}")
+        for run in found:
+            if run["run_id"] in where:
+                raise SystemExit(f"compare_report: run {run['run_id']} is in both {where[run['run_id']]} and {d}; "
+                                 f"merge comparisons of different seeds")
+            where[run["run_id"]] = d
+            runs.append({**run, "_dir": d})
+    return runs
+
+
+def write_report(results_dir: str, source_dirs: list[str] | None = None) -> dict:
+    """Write the report into results_dir, from the runs of source_dirs (default: results_dir)."""
+    sources = source_dirs or [results_dir]
+    runs = read_sources(sources)
     rows, evals_by_run = [], {}
     for run in runs:
-        steps, evals, summary = read_metrics(os.path.join(results_dir, run.get("metrics_file") or ""))
+        steps, evals, summary = read_metrics(os.path.join(run["_dir"], run.get("metrics_file") or ""))
         row = run_row(run, steps, evals, summary)
         rows.append(row)
         evals_by_run[row["run_id"]] = evals
@@ -644,17 +665,20 @@ def write_report(results_dir: str) -> dict:
                             e.get("val_bpb")])
 
     md = ["# full_update vs dynamic_suffix", ""]
-    config = os.path.join(results_dir, "compare_config.txt")
-    if os.path.exists(config):
-        with open(config, encoding="utf-8") as f:
-            md += ["```", f.read().strip(), "```", ""]
+    if len(sources) > 1:
+        md += [f"Merged from {len(sources)} results dirs: {', '.join(f'`{d}`' for d in sources)}.", ""]
+    for d in sources:
+        config = os.path.join(d, "compare_config.txt")
+        if os.path.exists(config):
+            with open(config, encoding="utf-8") as f:
+                md += ([f"`{d}`:", ""] if len(sources) > 1 else []) + ["```", f.read().strip(), "```", ""]
     seeds = sorted({r["seed"] for r in rows if r["seed"] is not None}, key=lambda s: int(s) if s.isdigit() else s)
     md.append(f"Seeds: {', '.join(seeds) or NA} ({len(seeds)})."
               + ("" if len(seeds) >= 3 else " **Fewer than 3 seeds: speed numbers only, no quality claim.**"))
     failed = [r["run_id"] for r in rows if r["status"] != "ok"]
     if failed:
         md.append(f"**Failed runs (left out of the medians): {', '.join(failed)}.**")
-    cmds = {r.get("run_id"): command_of(results_dir, r) for r in runs}
+    cmds = {r.get("run_id"): command_of(r["_dir"], r) for r in runs}
     full_run = next((r for r in rows if r["schedule"] == "full_update" and cmds.get(r["run_id"])), None)
     dyn_run = next((r for r in rows if r["schedule"] == "dynamic_suffix" and cmds.get(r["run_id"])), None)
     if full_run and dyn_run:
@@ -709,14 +733,26 @@ def write_report(results_dir: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1 or argv[0] in ("-h", "--help"):
+    if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    results_dir = argv[0]
-    if not os.path.isdir(results_dir):
-        print(f"compare_report: error: {results_dir} is not a directory", file=sys.stderr)
+        return 0 if argv else 2
+    out_dir = None
+    if "--out" in argv:
+        i = argv.index("--out")
+        if i + 1 >= len(argv):
+            print("compare_report: error: --out needs a directory", file=sys.stderr)
+            return 2
+        out_dir, argv = argv[i + 1], argv[:i] + argv[i + 2:]
+    if not argv or (len(argv) > 1 and out_dir is None):
+        print("compare_report: error: give one RESULTS_DIR, or several with --out MERGED_DIR", file=sys.stderr)
         return 2
-    out = write_report(results_dir)
+    missing = [d for d in argv if not os.path.isdir(d)]
+    if missing:
+        print(f"compare_report: error: {', '.join(missing)}: not a directory", file=sys.stderr)
+        return 2
+    results_dir = out_dir or argv[0]
+    os.makedirs(results_dir, exist_ok=True)
+    out = write_report(results_dir, argv)
     with open(os.path.join(results_dir, "summary.md"), encoding="utf-8") as f:
         print(f.read())
     n_ok = sum(r["status"] == "ok" for r in out["rows"])

@@ -306,6 +306,32 @@ def test_time_to_target_median_over_3_seeds_and_a_failed_full_arm_skipped(tmp_pa
     assert cr.median_ratio(seeds) == 0.7 and cr.median_ratio(seeds[:2]) is None
 
 
+def test_merge_of_per_seed_results_dirs_equals_one_dir(tmp_path):
+    """Seeds run as separate runner calls (one results dir each) merge into the report of one dir."""
+    dyn = ([0.5] * 20, {k: 2.0 - k / 16 for k in range(21)}, 0)
+    seeds = [(1, ([1.0] * 10, {0: 3.0, 10: 1.625}, 0), dyn), (2, ([1.0] * 10, {0: 3.0, 10: 1.25}, 0), dyn),
+             (3, ([1.0] * 10, {0: 3.0, 10: 1.53125}, 0), dyn)]
+    (tmp_path / "all").mkdir()
+    one = cr.write_report(ttt_dir(tmp_path / "all", seeds))
+    parts = []
+    for seed in seeds:
+        (tmp_path / f"s{seed[0]}").mkdir()
+        parts.append(ttt_dir(tmp_path / f"s{seed[0]}", [seed]))
+    merged = str(tmp_path / "merged")
+    assert cr.main(parts + ["--out", merged]) == 0
+    md = open(os.path.join(merged, "summary.md")).read()
+    assert "Merged from 3 results dirs" in md
+    assert "**Median time-to-target ratio over 3 seed(s): 0.3750**" in md
+    assert one["time_to_target_median"] == pytest.approx(0.375)
+    assert read_csv(os.path.join(merged, "summary.csv")) == read_csv(os.path.join(tmp_path / "all", "summary.csv"))
+    # the same run in two dirs, several dirs without --out, a missing dir: one clear error each
+    with pytest.raises(SystemExit, match="full_s1 is in both"):
+        cr.write_report(merged, [parts[0], parts[0]])
+    assert cr.main(parts) == 2
+    assert cr.main(parts[:1] + [str(tmp_path / "nope"), "--out", merged]) == 2
+    assert cr.main(parts + ["--out"]) == 2
+
+
 # -----------------------------------------------------------------------------
 # PNG renderer
 
