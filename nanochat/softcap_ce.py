@@ -127,9 +127,11 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 def softcap_ce_rows(z: torch.Tensor, targets: torch.Tensor, cap: float, fast: bool = True) -> torch.Tensor:
     """Per-row loss (N,) fp32 of ``CE(cap * tanh(z / cap), targets)`` for bf16/fp16/fp32 logits z
-    (N, V) with a unit stride along V; rows with target -1 give 0. CUDA + Triton only (see
-    `available`); ``fast=False`` computes tanh from ``exp`` (accurate to ~1e-7 absolute) instead of the hardware
-    approximation; it also runs under ``TRITON_INTERPRET=1`` on CPU, which the tests use."""
+    (N, V) with a unit stride along V; rows with target -1 give 0. Targets must lie in [0, V) or
+    be -1; others are not checked on the device and give the row's log-sum-exp as its loss. CUDA +
+    Triton only (see `available`). ``fast=False`` computes tanh from ``exp`` (accurate to ~1e-7
+    absolute) instead of the hardware approximation; it also runs under ``TRITON_INTERPRET=1`` on
+    CPU, which the tests use."""
     if not _HAVE_TRITON:
         raise RuntimeError("softcap_ce_rows needs Triton (a CUDA build of torch)")
     if cap <= 0:
