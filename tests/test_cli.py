@@ -93,11 +93,12 @@ def test_unknown_choice_is_one_line():
 
 def test_runner_dry_run_maps_env_to_flags_and_extra_args_win():
     env = {"DRY_RUN": "1", "SKIP_SETUP": "1", "DEPTH": "6", "LM_CE_BACKEND": "chunked", "MUON_ACTIVE_ONLY_STACK": "1",
-           "BASE_TRAIN_EXTRA_ARGS": "--depth=3 --eval-every=7"}
+           "LM_CE_KERNEL": "inductor", "BASE_TRAIN_EXTRA_ARGS": "--depth=3 --eval-every=7"}
     out = run(["bash", RUNNER], env=env)
     assert out.returncode == 0, out.stderr
     cmd = out.stdout.strip().splitlines()[-1]
     assert "--depth=6" in cmd and "--lm-ce-backend=chunked" in cmd and "--muon-active-only-stack" in cmd
+    assert "--lm-ce-kernel=inductor" in cmd
     assert cmd.index("--depth=6") < cmd.index("--depth=3"), "extra args must come last so they win"
     # argparse keeps the last value: confirm with the real parser.
     argv = cmd.split("scripts.base_train", 1)[1].split()
@@ -115,6 +116,7 @@ def test_runner_torchrun_command_passes_run_name_through():
 
 @pytest.mark.parametrize("env, needle", [
     ({"LM_CE_BACKEND": "fast"}, "LM_CE_BACKEND"),
+    ({"LM_CE_KERNEL": "fast"}, "LM_CE_KERNEL"),
     ({"DEPTH": "twelve"}, "DEPTH"),
     ({"MUON_ACTIVE_ONLY_STACK": "yes"}, "MUON_ACTIVE_ONLY_STACK"),
     ({"PREPARE_DATA": "maybe"}, "PREPARE_DATA"),
