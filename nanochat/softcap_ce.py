@@ -50,10 +50,12 @@ def available(device: torch.device | str) -> bool:
     return _HAVE_TRITON and torch.device(device).type == "cuda"
 
 
-def choose_kernel(requested: str, device_type: str, ce_backend: str, softcap: float | None) -> tuple[str, str]:
+def choose_kernel(requested: str, device_type: str, ce_backend: str, softcap: float | None,
+                  capability: tuple[int, int] | None = None) -> tuple[str, str]:
     """(kernel, reason) for the baseline head's loss: 'triton' (this module) or 'inductor' (the
     loss written in PyTorch and compiled, or run eagerly). ValueError, with the fix, when an
-    explicit 'triton' cannot run here."""
+    explicit 'triton' cannot run here. `capability`: the CUDA device's compute capability, when
+    known (``tanh.approx.f32`` needs 7.5 or newer)."""
     if requested not in KERNELS:
         raise ValueError(f"--lm-ce-kernel={requested!r} must be one of {', '.join(KERNELS)}")
     why_not = None
@@ -63,6 +65,9 @@ def choose_kernel(requested: str, device_type: str, ce_backend: str, softcap: fl
         why_not = f"its kernels need a CUDA device (this run is on {device_type})"
     elif not _HAVE_TRITON:
         why_not = "Triton is not importable (a CPU-only torch build?)"
+    elif capability is not None and tuple(capability) < (7, 5):
+        why_not = (f"its hardware tanh needs CUDA compute capability 7.5 or newer "
+                   f"(this GPU has {capability[0]}.{capability[1]})")
     elif softcap is None or softcap <= 0:
         why_not = "it needs the logit softcap (which bounds the logits)"
     if requested == "triton":

@@ -377,8 +377,9 @@ def main():
     model.lm_ce_backend = args.lm_ce_backend
     model.lm_ce_chunk_size = args.lm_ce_chunk_size
     try:
+        capability = torch.cuda.get_device_capability(device) if device_type == "cuda" else None
         model.lm_ce_kernel, ce_reason = choose_ce_kernel(args.lm_ce_kernel, device_type, args.lm_ce_backend,
-                                                         model_config.softcap)
+                                                         model_config.softcap, capability)
     except ValueError as e:
         fail([str(e)])
     attn_backend, attn_reason = select_attention_backend(device_type, args.window_pattern, compute_dtype)

@@ -106,6 +106,11 @@ def test_choose_kernel(monkeypatch):
         assert kernel == "inductor" and why in reason
         with pytest.raises(ValueError, match="cannot run: .*use --lm-ce-kernel=auto"):
             choose("triton", device, backend, cap)
+    assert choose("auto", "cuda", "baseline", CAP, capability=(9, 0))[0] == "triton"
+    kernel, reason = choose("auto", "cuda", "baseline", CAP, capability=(7, 0))  # e.g. a V100
+    assert kernel == "inductor" and "compute capability 7.5 or newer (this GPU has 7.0)" in reason
+    with pytest.raises(ValueError, match="compute capability"):
+        choose("triton", "cuda", "baseline", CAP, capability=(7, 0))
     monkeypatch.setattr(softcap_ce, "_HAVE_TRITON", False)
     kernel, reason = choose("auto", "cuda", "baseline", CAP)
     assert kernel == "inductor" and "Triton is not importable" in reason
