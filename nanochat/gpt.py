@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from nanochat.attention import attention
 from nanochat.common import print0
-from nanochat.lm_head import lm_head_loss
+from nanochat.lm_head import lm_head_loss, reduce_row_loss
 from nanochat.softcap_ce import softcap_ce_rows
 
 
@@ -385,10 +385,8 @@ def lm_head_loss_from_logits(logits, targets, reduction: str = "mean"):
 
 
 def reduce_row_losses(loss, targets, reduction: str):
-    """Per-token losses (N,) with 0 at ignored (-1) targets -> the requested reduction."""
+    """Per-token losses (N,) with 0 at ignored (-1) targets -> the requested reduction ('none'
+    keeps the targets' shape); the rule itself is nanochat.lm_head.reduce_row_loss."""
     if reduction == "none":
         return loss.view_as(targets)
-    total = loss.sum()
-    if reduction == "sum":
-        return total
-    return total / (targets != -1).sum().clamp(min=1)
+    return reduce_row_loss(loss, (targets != -1).sum(), reduction)

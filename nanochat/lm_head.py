@@ -81,7 +81,7 @@ def _validate(x, weight, targets, softcap, backend, chunk_size, reduction):
         raise ValueError("lm_head_loss: " + "; ".join(problems))
 
 
-def _reduce(row_loss: torch.Tensor, n_valid: torch.Tensor, reduction: str) -> torch.Tensor:
+def reduce_row_loss(row_loss: torch.Tensor, n_valid: torch.Tensor, reduction: str) -> torch.Tensor:
     """row_loss: (N,) fp32 with zeros at ignored rows. 'mean' divides by max(n_valid, 1) so that an
     all-ignored batch gives a finite 0, not F.cross_entropy's NaN."""
     if reduction == "none":
@@ -99,7 +99,7 @@ def _baseline_loss(x2, weight, t1, softcap, reduction, ignore_index):
     logits = lm_head_logits(x2, weight, softcap)  # (N, V) fp32
     row_loss = F.cross_entropy(logits, t1, ignore_index=ignore_index, reduction="none")
     n_valid = (t1 != ignore_index).sum()
-    return _reduce(row_loss, n_valid, reduction)
+    return reduce_row_loss(row_loss, n_valid, reduction)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -182,7 +182,7 @@ def _chunked_forward_only(x2, weight, t1, softcap, chunk_size, reduction, ignore
         logits, _ = _chunk_logits(x2[s:e], weight, softcap)
         valid, safe = _chunk_targets(t1[s:e], ignore_index)
         losses.append(_chunk_row_loss(logits, valid, safe)[1])
-    return _reduce(torch.cat(losses), n_valid, reduction)
+    return reduce_row_loss(torch.cat(losses), n_valid, reduction)
 
 
 class _ChunkedCEScalar(torch.autograd.Function):
@@ -218,7 +218,7 @@ class _ChunkedCEScalar(torch.autograd.Function):
                 if need_dw:
                     # bf16 x bf16 matmul (fp32 accumulate inside), summed across chunks in fp32
                     dw = dw + (gz.t() @ xc).to(acc)
-        loss = _reduce(torch.cat(losses), n_valid, reduction)
+        loss = reduce_row_loss(torch.cat(losses), n_valid, reduction)
         dx = torch.cat(dx_chunks) if need_dx else None
         ctx.save_for_backward(dx, dw)
         ctx.need_dx, ctx.need_dw = need_dx, need_dw

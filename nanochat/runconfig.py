@@ -304,8 +304,9 @@ def estimate_memory(cfg: GPTConfig, device_batch_size: int, *, compute_bytes: in
     their gradient, nanochat/softcap_ce.py), about four fp32 copies at the peak when eager; chunked keeps
     an fp32 dW and dx plus (chunk x vocab) temporaries. Sanity check against the d12 anchor (bf16,
     compiled, baseline CE, batch 32 x 1024, vocab 32768; a reference nanochat measured 14.8 GiB
-    on an H100): this gives
-    14.8 GiB; this repo measured 13.9 GiB, and 15.8 GiB with the Triton loss (estimate 16.8 GiB). FP8 and frozen-prefix (dynamic_suffix) savings are not modelled: full steps peak.
+    on an H100): this gives 14.8 GiB; this repo measured 13.9 GiB, and 15.8 GiB with the Triton
+    loss (estimate 16.8 GiB). FP8 and frozen-prefix (dynamic_suffix) savings are not modelled:
+    full steps peak.
 
     Returns the components and 'peak' (their sum, or the optimizer step's peak if larger).
     """

@@ -45,11 +45,6 @@ _HAVE_TRITON = importlib.util.find_spec("triton") is not None
 _BLOCK, _WARPS = 4096, 8
 
 
-def available(device: torch.device | str) -> bool:
-    """True where the kernels can run: a CUDA device and an importable Triton."""
-    return _HAVE_TRITON and torch.device(device).type == "cuda"
-
-
 def choose_kernel(requested: str, device_type: str, ce_backend: str, softcap: float | None,
                   capability: tuple[int, int] | None = None) -> tuple[str, str]:
     """(kernel, reason) for the baseline head's loss: 'triton' (this module) or 'inductor' (the
@@ -134,7 +129,7 @@ def softcap_ce_rows(z: torch.Tensor, targets: torch.Tensor, cap: float, fast: bo
     """Per-row loss (N,) fp32 of ``CE(cap * tanh(z / cap), targets)`` for bf16/fp16/fp32 logits z
     (N, V) with a unit stride along V; rows with target -1 give 0. Targets must lie in [0, V) or
     be -1; others are not checked on the device and give the row's log-sum-exp as its loss. CUDA +
-    Triton only (see `available`). ``fast=False`` computes tanh from ``exp`` (accurate to ~1e-7
+    Triton only (see `choose_kernel`). ``fast=False`` computes tanh from ``exp`` (accurate to ~1e-7
     absolute) instead of the hardware approximation; it also runs under ``TRITON_INTERPRET=1`` on
     CPU, which the tests use."""
     if not _HAVE_TRITON:

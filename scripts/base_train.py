@@ -51,6 +51,7 @@ from nanochat.gpt import GPT, GPTConfig, start_compile_workers, validate_window_
 from nanochat.optim import MuonAdamW
 from nanochat.runconfig import (dry_run_report, horizon_problems, model_config_from_args, parse_with_config,
                                 plan_horizon, resolve_resume, run_problems, scaling_params)
+from nanochat.softcap_ce import KERNELS as CE_KERNELS
 from nanochat.softcap_ce import choose_kernel as choose_ce_kernel
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 
@@ -159,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="baseline materialises the full (tokens x vocab) logits (bf16 when compiled, fp32 eager); chunked never "
                         "does (exact grads, far less memory)")
     g.add_argument("--lm-ce-chunk-size", type=int, default=8192, help="rows (tokens) per chunk of the chunked cross-entropy")
-    g.add_argument("--lm-ce-kernel", type=str, default="auto", choices=["auto", "triton", "inductor"],
+    g.add_argument("--lm-ce-kernel", type=str, default="auto", choices=CE_KERNELS,
                    help="how the baseline backend turns the bf16 logits into the softcapped loss: triton = two Triton kernels "
                         "(nanochat/softcap_ce.py: one pass each way, hardware tanh; CUDA only), inductor = the loss in "
                         "PyTorch, compiled by torch.compile; auto = triton where it can run, else inductor")

@@ -2,8 +2,8 @@
 
 For N = batch * seq rows it times forward + backward of ``lm_head_loss`` for baseline and chunked,
 and of the model's Triton loss (``triton``: the head matmul, then nanochat.softcap_ce's kernels on
-the bf16 logits, as ``--lm-ce-kernel=triton`` runs it), eager and torch.compile'd, interleaved (variant order rotates every repeat), and reports the
-median, tokens/s, the ratio to eager baseline and the peak memory (torch.cuda.max_memory_allocated
+the bf16 logits, as ``--lm-ce-kernel=triton`` runs it), eager and torch.compile'd, interleaved
+(variant order rotates every repeat), and reports the median, tokens/s, the ratio to eager baseline and the peak memory (torch.cuda.max_memory_allocated
 after a reset, with the inputs already allocated: "peak" includes x, W and their grads, "extra"
 is peak minus what was allocated before the step). Then, for each variant, it finds the largest
 batch that fits (doubling until torch.cuda.OutOfMemoryError, then bisection) with the rest of
