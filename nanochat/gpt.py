@@ -70,10 +70,14 @@ def norm(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[..., :d], x[..., d:]). x: (B, T, H, D); cos/sin: (1, T, 1, D/2)."""
-    d = x.shape[-1] // 2
-    x1, x2 = x[..., :d], x[..., d:]
-    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+    """Rotate the pairs (x1, x2) = (x[..., :d], x[..., d:]) to (x1 c + x2 s, x2 c - x1 s).
+
+    x: (B, T, H, D); cos = [c, c] and sin = [s, -s]: (1, T, 1, D) (GPT._rotary_tables). Written as
+    ``x * cos + roll(x, d) * sin``, the same products and sums as the two-halves form, element
+    for element, but without slices and a cat: compiled with the QK-norm, the slice/cat form made
+    a fused backward kernel one of whose launch configurations took ~8 s to build (the largest
+    single cost of the first step on an H100, docs/optimizations/throughput.md section 10)."""
+    return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * sin
 
 
 class CausalSelfAttention(nn.Module):
@@ -162,7 +166,9 @@ class GPT(nn.Module):
         inv_freq = 1.0 / (base ** (channel / head_dim))
         t = torch.arange(seq_len, dtype=torch.float32, device=device)
         freqs = torch.outer(t, inv_freq)
-        return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
+        cos, sin = freqs.cos(), freqs.sin()  # (seq_len, head_dim / 2)
+        # Full-width tables for apply_rotary_emb's roll form: [c, c] and [s, -s].
+        return torch.cat([cos, cos], -1)[None, :, None, :], torch.cat([sin, -sin], -1)[None, :, None, :]
 
     @torch.no_grad()
     def init_weights(self):
