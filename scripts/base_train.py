@@ -601,12 +601,18 @@ def main():
         train_elapsed = 0.0  # all step time, compile included: what --time-budget-sec spends
     first_step = step
     compile_sec = launch_sec = None
-    # The step clock runs from one loss read to the next, without a device sync in between: the
-    # loss is read with the optimizer still queued, and the next step is launched while it runs,
-    # so the GPU never waits for the host's logging and launch work between steps. `t_mark` is
-    # the last loss read (None: the clock is stopped, e.g. for an evaluation; see settle()).
+    # The step clock runs from one loss read to the next, without a device sync in between. A
+    # step's loss is normally read one step late, after the next step's work is queued: the host
+    # then waits for step N's backward with step N's optimizer and all of step N+1 still queued, so
+    # a host hiccup (a slow print, the OS) shorter than a step never leaves the GPU idle. Reading
+    # step N's loss right after its optimizer was queued left only the optimizer (~6 ms at d12) to
+    # hide the logging, the next launch and any hiccup (throughput.md section 11). The
+    # optimizer skips a non-finite step on the device, so reading late never lets a NaN in.
+    # `t_mark` is the last loss read (None: the clock is stopped, e.g. for an evaluation; see
+    # settle()); `pending` is the step whose loss has not been read yet.
     t_mark = None
-    loss_reader = ScalarReader(device)
+    loss_readers = (ScalarReader(device), ScalarReader(device))  # steps N and N+1 in flight
+    pending = None
     peak_step_mem = 0.0  # MiB, the largest per-step peak of this process
     run_step_time = 0.0  # this process's steps after its first (with settle()'s tails): steady tok/s and ETA
     step_times: list[float] = []  # those steps' intervals: their count, the median and the slow steps
@@ -664,6 +670,7 @@ def main():
         totals and steady tok/s count every second of device work, before anything else (an
         evaluation, a checkpoint) uses the GPU."""
         nonlocal t_mark, train_elapsed, total_training_time, run_step_time, compile_sec
+        finish_pending()
         if t_mark is None:
             return
         synchronize()
@@ -719,28 +726,86 @@ def main():
         print0(f"fault injection: loss multipliers by step {fault_inject}")
     graceful = GracefulStop().install()  # SIGTERM/SIGINT: finish the step, save, exit 0
 
-    def bad_step(problem: str) -> None:
-        """A non-finite step never changes the weights: skip it (--skip-nonfinite-steps) or stop
-        with the last checkpoint intact (exit 1)."""
-        nonlocal train_elapsed, smooth_loss, step, t_mark
+    def bad_step(k: int, problem: str, loss: float) -> None:
+        """Step k was not finite and never changed the weights (its optimizer update was not made,
+        or was skipped on the device): count it (--skip-nonfinite-steps) or stop with the last
+        checkpoint intact (exit 1)."""
+        nonlocal train_elapsed, smooth_loss, t_mark
         if guard.on_bad_step():
             model.zero_grad(set_to_none=True)
-            t_mark = time.time()
-            train_elapsed += t_mark - t0
-            if step > 0:  # feed the EMA its own debiased value, so the debiasing by step count stays exact
-                smooth_loss = 0.9 * smooth_loss + 0.1 * smooth_loss / (1 - 0.9 ** step)
-            print0(f"step {step:05d} | {problem} | step skipped: no optimizer update ({guard.consecutive} in a row, "
+            now = time.time()
+            train_elapsed += now - t_mark
+            t_mark = now
+            if k > 0:  # feed the EMA its own debiased value, so the debiasing by step count stays exact
+                smooth_loss = 0.9 * smooth_loss + 0.1 * smooth_loss / (1 - 0.9 ** k)
+            print0(f"step {k:05d} | {problem} | step skipped: no optimizer update ({guard.consecutive} in a row, "
                    f"limit {args.skip_nonfinite_steps}; {skipped_before + guard.skipped} skipped in total)")
-            log_metrics({"kind": "skip", "step": step, "loss": train_loss, "problem": problem,
+            log_metrics({"kind": "skip", "step": k, "loss": loss, "problem": problem,
                          "skipped_total": skipped_before + guard.skipped})
-            step += 1
             return
         limit = f" ({guard.consecutive} in a row, --skip-nonfinite-steps={args.skip_nonfinite_steps})" \
             if args.skip_nonfinite_steps > 0 else ""
-        print0(f"step {step:05d} | {problem}; stopping before the optimizer step{limit}. "
+        print0(f"step {k:05d} | {problem}; stopping without its optimizer update{limit}. "
                f"The last saved checkpoint is untouched.")
         compute_cleanup()
         sys.exit(1)
+
+    def log_step(rec: dict, train_loss: float) -> None:
+        """Close step rec['step'] on the clock (its loss was just read) and print/record it."""
+        nonlocal t_mark, train_elapsed, compile_sec, launch_sec, total_training_time, run_step_time
+        nonlocal peak_step_mem, smooth_loss
+        k, active_start, lrm = rec["step"], rec["active_start"], rec["lrm"]
+        now = time.time()
+        dt = now - t_mark
+        t_mark = now
+        train_elapsed += dt
+        if k == first_step:
+            compile_sec = dt
+            launch_sec = now - t_launch  # setup, any evaluation at this step, and the first step
+        else:
+            total_training_time += dt
+            run_step_time += dt
+            step_times.append(dt)
+        step_mem = rec["mem"]
+        peak_step_mem = max(peak_step_mem, step_mem)
+        mem = f" | mem {step_mem:,.0f}MiB" if device_type == "cuda" else ""
+        smooth_loss = 0.9 * smooth_loss + 0.1 * train_loss
+        debiased = smooth_loss / (1 - 0.9 ** (k + 1))
+        tok_per_sec = total_batch_size / dt
+        # MFU counts the work done: a frozen prefix does forward-only FLOPs.
+        if active_start not in flops_by_start:  # walks the parameters: once per active_start, not per step
+            flops_by_start[active_start] = model.estimate_flops(active_start)
+        mfu_value = 100 * flops_by_start[active_start] * tok_per_sec / (peak_flops * world_size) if peak_flops else None
+        mfu = f" | mfu {mfu_value:.1f}%" if mfu_value is not None else ""
+        active = f" | active {model_config.n_layer - active_start}/{model_config.n_layer}" if dyn else ""
+        if time_budget:
+            eta = f"{max(0.0, time_budget - train_elapsed) / 60:.1f}m of budget"
+        else:
+            eta = f"{(num_iterations - k - 1) * run_step_time / len(step_times) / 60:.1f}m" if step_times else "-"
+        horizon = "" if time_budget and args.num_iterations <= 0 else f"/{num_iterations}"
+        print0(f"step {k:05d}{horizon} | loss {debiased:.4f} | lrm {lrm:.2f} | dt {dt * 1000:.1f}ms | "
+               f"tok/s {tok_per_sec:,.0f}{mfu}{mem}{active} | eta {eta}")
+        log_metrics({"kind": "step", "step": k, "loss": train_loss, "loss_ema": debiased, "lrm": lrm, "dt": dt,
+                     "tok_per_sec": tok_per_sec, "mfu": mfu_value, "step_peak_mib": step_mem if device_type == "cuda" else None,
+                     "active_layers": model_config.n_layer - active_start, "train_elapsed": train_elapsed,
+                     "tokens": (k + 1) * total_batch_size})
+        for line in rec["lines"]:  # made when the step ran (the dynamic_suffix and memory lines)
+            print0(line)
+        if k % 100 == 0:
+            wandb_run.log({"step": k, "train/loss": debiased, "train/lrm": lrm, "train/tok_per_sec": tok_per_sec})
+
+    def finish_pending() -> None:
+        """Read the pending step's loss (one step late, see `pending`) and close it."""
+        nonlocal pending
+        if pending is None:
+            return
+        rec, pending = pending, None
+        train_loss = rec["reader"].result()
+        if problem := guard.check_before_step(train_loss):  # its optimizer step was skipped on the device
+            bad_step(rec["step"], problem, train_loss)
+            return
+        guard.on_good_step()
+        log_step(rec, train_loss)
 
     val_batches = None  # the evaluation's (x, y) batches, read at the first evaluation
     frozen_fp8 = None  # the active_start whose frozen-prefix FP8 weight caches are live
@@ -800,10 +865,10 @@ def main():
             break
 
         # --- one optimizer step ---------------------------------------------------
-        if t_mark is None:  # the first step, or after an evaluation: start the clock on an idle device
+        clock_was_stopped = t_mark is None
+        if clock_was_stopped:  # the first step, or after an evaluation: start the clock on an idle device
             synchronize()
             t_mark = time.time()
-        t0 = t_mark
         if device_type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         if dyn and time_budget and dyn.freeze_start == 10 ** 9 and train_elapsed >= args.dyn_freeze_start_frac * time_budget:
@@ -857,7 +922,8 @@ def main():
             torch.distributed.all_reduce(loss_sum)
             loss_sum /= world_size
         loss_mean = loss_sum / grad_accum_steps
-        loss_reader.start(loss_mean)  # its copy to the host goes ahead of the optimizer's kernels
+        reader = loss_readers[step % 2]
+        reader.start(loss_mean)  # its copy to the host goes ahead of the optimizer's kernels
 
         # The loss reaches the host before the optimizer step only where a flag needs it there
         # (--debug-nan checks and names gradients, --auto-lr-reduction sets this step's LR from it).
@@ -870,7 +936,9 @@ def main():
             if ddp and args.skip_nonfinite_steps > 0 and any_rank(problem is not None, device, ddp) and not problem:
                 problem = "non-finite gradients on another rank"  # every rank must skip together
             if problem:
-                bad_step(problem)
+                finish_pending()
+                bad_step(step, problem, train_loss)
+                step += 1
                 continue
         scores = None
         grads_reduced = False
@@ -900,15 +968,31 @@ def main():
             if group["kind"] == "muon":
                 group["momentum"] = muon_momentum(step)
         optimizer.step(reduce_grads=not grads_reduced, skip_if=~torch.isfinite(loss_mean))
-        # Host work that needs no result goes here, while the GPU still runs the step: after the
-        # loss read below the GPU idles until the next step's first kernels are launched (a
-        # profile showed nn.Module.zero_grad's parameter walk in that gap; this loop is ~50x cheaper).
+        # Host work that needs no result goes here, while the GPU still runs the step (a profile
+        # once showed nn.Module.zero_grad's parameter walk in the gap after the loss read; this loop
+        # is ~50x cheaper).
         for p in params:
             p.grad = None
+        finish_pending()  # the previous step's loss, read one step late
+        rec = {"step": step, "active_start": active_start, "lrm": lrm, "reader": reader}
+        # This step's loss is read now instead where something needs it before the next step: the
+        # first step after the clock started (its time is the compile time), a dynamic_suffix probe
+        # (the next active_start depends on it), the EMA and --debug-mem-every (both act on this
+        # step's result), and --debug-nan / --auto-lr-reduction (read before the optimizer). Off
+        # CUDA every op has finished when it returns: nothing to overlap, and a late read would
+        # book the next step's time to this one.
+        if not (device_type != "cuda" or clock_was_stopped or train_loss is not None or scores is not None
+                or ema or mem_probe.active):
+            rec["mem"] = max_memory() / 2**20
+            rec["lines"] = [line] if dyn and (line := dyn.log_line(step)) else []
+            pending = rec
+            step += 1
+            continue
         if train_loss is None:
-            train_loss = loss_reader.result()  # the one host sync of the step, with the optimizer queued
+            train_loss = reader.result()  # the host sync of this step, with the optimizer queued
             if problem := guard.check_before_step(train_loss):  # the step above was a no-op
-                bad_step(problem)
+                bad_step(step, problem, train_loss)
+                step += 1
                 continue
         guard.on_good_step()
         if ema:
@@ -923,48 +1007,9 @@ def main():
             dyn.update(step, scores)  # one host sync, after the optimizer work has been queued
             for w in dyn.pop_warnings():
                 print0(f"dynamic_suffix warning: {w}")
-        t_mark = time.time()  # no sync: this step's optimizer may still run (see t_mark)
-        dt = t_mark - t0
-
-        # --- logging --------------------------------------------------------------
-        train_elapsed += dt
-        if step == first_step:
-            compile_sec = dt
-            launch_sec = t_mark - t_launch  # setup, any evaluation at this step, and the first step
-        else:
-            total_training_time += dt
-            run_step_time += dt
-            step_times.append(dt)
-        step_mem = max(max_memory(), mem_probe.step_peak()) / 2**20
-        peak_step_mem = max(peak_step_mem, step_mem)
-        mem = f" | mem {step_mem:,.0f}MiB" if device_type == "cuda" else ""
-        smooth_loss = 0.9 * smooth_loss + 0.1 * train_loss
-        debiased = smooth_loss / (1 - 0.9 ** (step + 1))
-        tok_per_sec = total_batch_size / dt
-        # MFU counts the work done: a frozen prefix does forward-only FLOPs.
-        if active_start not in flops_by_start:  # walks the parameters: once per active_start, not per step
-            flops_by_start[active_start] = model.estimate_flops(active_start)
-        step_flops = flops_by_start[active_start]
-        mfu_value = 100 * step_flops * tok_per_sec / (peak_flops * world_size) if peak_flops else None
-        mfu = f" | mfu {mfu_value:.1f}%" if mfu_value is not None else ""
-        active = f" | active {model_config.n_layer - active_start}/{model_config.n_layer}" if dyn else ""
-        if time_budget:
-            eta = f"{max(0.0, time_budget - train_elapsed) / 60:.1f}m of budget"
-        else:
-            eta = f"{(num_iterations - step - 1) * run_step_time / len(step_times) / 60:.1f}m" if step_times else "-"
-        horizon = "" if time_budget and args.num_iterations <= 0 else f"/{num_iterations}"
-        print0(f"step {step:05d}{horizon} | loss {debiased:.4f} | lrm {lrm:.2f} | dt {dt * 1000:.1f}ms | "
-               f"tok/s {tok_per_sec:,.0f}{mfu}{mem}{active} | eta {eta}")
-        log_metrics({"kind": "step", "step": step, "loss": train_loss, "loss_ema": debiased, "lrm": lrm, "dt": dt,
-                     "tok_per_sec": tok_per_sec, "mfu": mfu_value, "step_peak_mib": step_mem if device_type == "cuda" else None,
-                     "active_layers": model_config.n_layer - active_start, "train_elapsed": train_elapsed,
-                     "tokens": (step + 1) * total_batch_size})
-        if dyn and (line := dyn.log_line(step)):
-            print0(line)
-        if line := mem_probe.report():
-            print0(line)
-        if step % 100 == 0:
-            wandb_run.log({"step": step, "train/loss": debiased, "train/lrm": lrm, "train/tok_per_sec": tok_per_sec})
+        rec["mem"] = max(max_memory(), mem_probe.step_peak()) / 2**20
+        rec["lines"] = [line for line in ((dyn.log_line(step) if dyn else None), mem_probe.report()) if line]
+        log_step(rec, train_loss)
         step += 1
         if step == first_step + 1:
             # Python's cyclic GC scans the big object graph of compiled code for little gain; freeze
@@ -976,6 +1021,8 @@ def main():
             gc.disable()
         elif step % 5000 == 0:
             gc.collect()
+
+    finish_pending()  # (settle() at the last step has done it; kept for any other way out of the loop)
 
     # -----------------------------------------------------------------------------
     # Summary

@@ -346,7 +346,7 @@ def test_debug_nan_names_the_tensor_and_too_many_bad_steps_stop(trained_base):
     assert "param lm_head.weight (shape 512x64: 1 NaN, 0 Inf of 32768)" in out.stdout
     assert out.stdout.count("step skipped") == 2 and "... and" in out.stdout
     assert "step 00004 | non-finite loss (nan)" in out.stdout
-    assert "stopping before the optimizer step (3 in a row, --skip-nonfinite-steps=2)" in out.stdout
+    assert "stopping without its optimizer update (3 in a row, --skip-nonfinite-steps=2)" in out.stdout
     assert sorted(os.listdir(ckpt_dir(trained_base, "nanname"))) == ["step_000002"]
 
 
@@ -457,3 +457,25 @@ def test_tokenizer_files_carrying_a_malicious_pickle_are_refused(trained_base, t
     with pytest.raises(TokenizerError, match="not valid JSON"):
         Tokenizer.load(str(base / "tokenizer"))
     assert not marker.exists()  # nothing was executed
+
+
+@pytest.mark.gpu
+def test_loss_read_one_step_late_on_cuda(trained_base, tmp_path):
+    """On CUDA a step's loss is read one step late (after the next step is queued). A NaN step is
+    still skipped on the device and reported under its own step number, every other step is logged
+    once, in order, with a positive step time; without --skip-nonfinite-steps the run stops there."""
+    gpu = ["--device-type=cuda" if a == "--device-type=cpu" else a for a in TINY]
+    metrics = tmp_path / "m.jsonl"
+    out = run(["-m", "scripts.base_train", *gpu, "--num-iterations=8", "--eval-every=-1", "--skip-nonfinite-steps=1",
+               f"--metrics-file={metrics}", "--model-tag=late"], trained_base, env={"NANOCHAT_FAULT_INJECT": "4:nan"})
+    assert "step 00004 | non-finite loss (nan) | step skipped: no optimizer update (1 in a row" in out.stdout
+    logged = [int(m.group(1)) for m in re.finditer(r"^step (\d+)/8 ", out.stdout, re.M)]
+    assert logged == [0, 1, 2, 3, 5, 6, 7], logged
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    steps = [r for r in records if r["kind"] == "step"]
+    assert [r["step"] for r in steps] == logged and all(r["dt"] > 0 for r in steps)
+    assert records[-1]["kind"] == "summary" and records[-1]["nonfinite_skipped"] == 1
+    out = run(["-m", "scripts.base_train", *gpu, "--num-iterations=8", "--eval-every=-1", "--model-tag=late2"],
+              trained_base, check=False, env={"NANOCHAT_FAULT_INJECT": "4:nan"})
+    assert out.returncode == 1 and "step 00004 | non-finite loss (nan); stopping without its optimizer update" in out.stdout
+    assert "Traceback" not in out.stderr
