@@ -29,11 +29,17 @@ the gradient over the logits instead removed that but also the speed-up (measure
 docs/optimizations/throughput.md 9a), so it is not done.
 
 Rows whose target is -1 (the repo's ignore index) get loss 0 and gradient 0.
+
+Building the two kernels (Triton's JIT, in the process that first launches them) took 1.0-1.2 s of
+the first training step on an H100; `prebuild_in_background` moves that into a child process that
+runs while the trainer loads its data.
 """
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import subprocess
+import sys
 
 import torch
 
@@ -140,3 +146,43 @@ def softcap_ce_rows(z: torch.Tensor, targets: torch.Tensor, cap: float, fast: bo
         raise ValueError(f"logits must be (N, V) with unit stride along V, got shape {tuple(z.shape)} "
                          f"strides {z.stride()}")
     return _fwd_op(z, targets.contiguous(), float(cap), bool(fast))[0]
+
+
+def prebuild_in_background(device: torch.device) -> subprocess.Popen | None:
+    """Start a child process that builds both kernels into Triton's on-disk cache, so that the first
+    training step finds them there instead of building them itself (1.0-1.2 s of the first step on
+    an H100; docs/optimizations/throughput.md section 12). The child launches them once on tiny
+    tensors with the training call's dtypes, launch configuration and 16-divisible sizes (what
+    Triton specialises a build on), so its cache entry is the one the trainer looks up. It holds a
+    CUDA context (a few hundred MiB) for a few seconds while the trainer loads; if it fails, the
+    trainer builds the kernels in its first step as before (`prebuild_failed` says so). None where
+    the kernels cannot run (no CUDA device, no Triton)."""
+    if device.type != "cuda" or not _HAVE_TRITON:
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return subprocess.Popen([sys.executable, "-m", "nanochat.softcap_ce", "--prebuild", str(index)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def prebuild_failed(proc: subprocess.Popen | None) -> str | None:
+    """None if the background build succeeded or is still running (or there was none), else a
+    one-line note with the child's last error line."""
+    if proc is None or proc.poll() is None or proc.returncode == 0:
+        return None
+    err = proc.stderr.read().decode(errors="replace").strip().splitlines() if proc.stderr else []
+    return (f"the background build of the Triton loss kernels failed (exit {proc.returncode}"
+            + (f": {err[-1]}" if err else "") + "); the first step built them instead")
+
+
+def _prebuild(index: int) -> None:
+    """The child of `prebuild_in_background`: one forward and one backward launch."""
+    device = torch.device("cuda", index)
+    z = torch.zeros(2, 64, device=device, dtype=torch.bfloat16)  # V and the row stride divisible by 16
+    targets = torch.zeros(2, device=device, dtype=torch.long)
+    _, lse = _fwd_op(z, targets, 15.0, True)  # (the softcap is a run-time argument: any value builds the same)
+    _bwd_op(z, targets, lse, torch.ones(2, device=device), 15.0, True)
+    torch.cuda.synchronize(device)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--prebuild"]:
+    _prebuild(int(sys.argv[2]))

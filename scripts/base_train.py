@@ -52,7 +52,7 @@ from nanochat.optim import MuonAdamW
 from nanochat.runconfig import (dry_run_report, horizon_problems, model_config_from_args, parse_with_config,
                                 plan_horizon, resolve_resume, run_problems, scaling_params)
 from nanochat.softcap_ce import KERNELS as CE_KERNELS
-from nanochat.softcap_ce import choose_kernel as choose_ce_kernel
+from nanochat.softcap_ce import choose_kernel as choose_ce_kernel, prebuild_failed, prebuild_in_background
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 
 _DYN = DynamicSuffixConfig()  # the controller's defaults are the flags' defaults
@@ -338,6 +338,15 @@ def main():
     master = rank == 0
     if device_type == "cuda" and not args.no_compile:
         start_compile_workers()  # they start up while the tokenizer, model and data load
+    try:
+        capability = torch.cuda.get_device_capability(device) if device_type == "cuda" else None
+        ce_kernel, ce_reason = choose_ce_kernel(args.lm_ce_kernel, device_type, args.lm_ce_backend,
+                                                GPTConfig.softcap, capability)
+    except ValueError as e:
+        fail([str(e)])
+    # The Triton loss kernels build in a child process meanwhile (one per machine is enough: the
+    # cache is on disk); the first step then loads them instead of building them.
+    ce_prebuild = prebuild_in_background(torch.device(device)) if ce_kernel == "triton" and local_rank == 0 else None
     if args.fp8:
         hw_problem = check_fp8_hardware(device_type)
         if hw_problem:
@@ -377,12 +386,7 @@ def main():
     model.compute_dtype = compute_dtype
     model.lm_ce_backend = args.lm_ce_backend
     model.lm_ce_chunk_size = args.lm_ce_chunk_size
-    try:
-        capability = torch.cuda.get_device_capability(device) if device_type == "cuda" else None
-        model.lm_ce_kernel, ce_reason = choose_ce_kernel(args.lm_ce_kernel, device_type, args.lm_ce_backend,
-                                                         model_config.softcap, capability)
-    except ValueError as e:
-        fail([str(e)])
+    model.lm_ce_kernel = ce_kernel
     attn_backend, attn_reason = select_attention_backend(device_type, args.window_pattern, compute_dtype)
     model.attn_backend = attn_backend
     print0(f"model: {json.dumps(asdict(model_config))}")
@@ -1016,6 +1020,8 @@ def main():
             # what exists after the first step and collect by hand rarely (as nanochat does). The
             # collection takes ~0.3 s: off the step clock (settle), as it always was.
             settle()
+            if note := prebuild_failed(ce_prebuild):
+                print0(f"note: {note}")
             gc.collect()
             gc.freeze()
             gc.disable()

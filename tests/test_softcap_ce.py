@@ -149,3 +149,36 @@ def test_gpu_model_head_triton_matches_inductor(reduction):
     assert torch.allclose(l0, l1, rtol=2e-3, atol=2e-3)
     for a, b in zip(g0, g1):
         assert ((a - b).norm() / a.norm()).item() < 2e-2
+
+
+def test_prebuild_is_skipped_off_cuda_and_a_failure_is_one_note():
+    assert softcap_ce.prebuild_in_background(torch.device("cpu")) is None
+    assert softcap_ce.prebuild_failed(None) is None
+    ok = subprocess.Popen([sys.executable, "-c", "pass"], stderr=subprocess.PIPE)
+    ok.wait()
+    assert softcap_ce.prebuild_failed(ok) is None
+    bad = subprocess.Popen([sys.executable, "-c", "import sys; sys.stderr.write('x\\nno GPU here\\n'); sys.exit(3)"],
+                           stderr=subprocess.PIPE)
+    bad.wait()
+    note = softcap_ce.prebuild_failed(bad)
+    assert note == ("the background build of the Triton loss kernels failed (exit 3: no GPU here); "
+                    "the first step built them instead")
+
+
+@pytest.mark.gpu
+def test_gpu_prebuild_fills_the_cache_the_training_call_uses(tmp_path):
+    """After the background build, the training-sized call (V = 32768) builds nothing new: Triton's
+    cache directory gets no new entry."""
+    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path)}
+    pre = subprocess.run([sys.executable, "-m", "nanochat.softcap_ce", "--prebuild", "0"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert pre.returncode == 0, pre.stderr[-2000:]
+    before = set(os.listdir(tmp_path))
+    assert before
+    code = ("import torch\nfrom nanochat.softcap_ce import softcap_ce_rows\n"
+            "z = torch.randn(64, 32768, device='cuda', dtype=torch.bfloat16, requires_grad=True)\n"
+            "t = torch.randint(0, 32768, (64,), device='cuda')\n"
+            "softcap_ce_rows(z, t, 15.0).mean().backward(); torch.cuda.synchronize()\n")
+    use = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert use.returncode == 0, use.stderr[-2000:]
+    assert set(os.listdir(tmp_path)) == before
