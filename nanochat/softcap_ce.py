@@ -40,6 +40,7 @@ import importlib
 import importlib.util
 import subprocess
 import sys
+import tempfile
 
 import torch
 
@@ -160,8 +161,18 @@ def prebuild_in_background(device: torch.device) -> subprocess.Popen | None:
     if device.type != "cuda" or not _HAVE_TRITON:
         return None
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return subprocess.Popen([sys.executable, "-m", "nanochat.softcap_ce", "--prebuild", str(index)],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return _spawn(["-m", "nanochat.softcap_ce", "--prebuild", str(index)])
+
+
+def _spawn(args: list[str]) -> subprocess.Popen:
+    """`python <args>` in the background, its stderr kept in a temporary file (`.stderr_file`). A
+    file, not a pipe: a child that wrote more than a pipe holds would block (with its CUDA
+    context) until someone read it."""
+    err = tempfile.TemporaryFile()
+    proc = subprocess.Popen([sys.executable, *args], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=err)
+    proc.stderr_file = err
+    return proc
 
 
 def prebuild_failed(proc: subprocess.Popen | None) -> str | None:
@@ -169,7 +180,8 @@ def prebuild_failed(proc: subprocess.Popen | None) -> str | None:
     one-line note with the child's last error line."""
     if proc is None or proc.poll() is None or proc.returncode == 0:
         return None
-    err = proc.stderr.read().decode(errors="replace").strip().splitlines() if proc.stderr else []
+    proc.stderr_file.seek(0)
+    err = proc.stderr_file.read().decode(errors="replace").strip().splitlines()
     return (f"the background build of the Triton loss kernels failed (exit {proc.returncode}"
             + (f": {err[-1]}" if err else "") + "); the first step built them instead")
 

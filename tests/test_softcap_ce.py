@@ -154,12 +154,12 @@ def test_gpu_model_head_triton_matches_inductor(reduction):
 def test_prebuild_is_skipped_off_cuda_and_a_failure_is_one_note():
     assert softcap_ce.prebuild_in_background(torch.device("cpu")) is None
     assert softcap_ce.prebuild_failed(None) is None
-    ok = subprocess.Popen([sys.executable, "-c", "pass"], stderr=subprocess.PIPE)
+    ok = softcap_ce._spawn(["-c", "pass"])
     ok.wait()
     assert softcap_ce.prebuild_failed(ok) is None
-    bad = subprocess.Popen([sys.executable, "-c", "import sys; sys.stderr.write('x\\nno GPU here\\n'); sys.exit(3)"],
-                           stderr=subprocess.PIPE)
-    bad.wait()
+    # more stderr than a pipe holds: the child must not block on it
+    bad = softcap_ce._spawn(["-c", "import sys; sys.stderr.write('x' * 200000 + '\\nno GPU here\\n'); sys.exit(3)"])
+    assert bad.wait(timeout=60) == 3
     note = softcap_ce.prebuild_failed(bad)
     assert note == ("the background build of the Triton loss kernels failed (exit 3: no GPU here); "
                     "the first step built them instead")
