@@ -940,7 +940,6 @@ def main():
             if ddp and args.skip_nonfinite_steps > 0 and any_rank(problem is not None, device, ddp) and not problem:
                 problem = "non-finite gradients on another rank"  # every rank must skip together
             if problem:
-                finish_pending()
                 bad_step(step, problem, train_loss)
                 step += 1
                 continue
@@ -985,35 +984,34 @@ def main():
         # step's result), and --debug-nan / --auto-lr-reduction (read before the optimizer). Off
         # CUDA every op has finished when it returns: nothing to overlap, and a late read would
         # book the next step's time to this one.
-        if not (device_type != "cuda" or clock_was_stopped or train_loss is not None or scores is not None
-                or ema or mem_probe.active):
-            rec["mem"] = max_memory() / 2**20
-            rec["lines"] = [line] if dyn and (line := dyn.log_line(step)) else []
-            pending = rec
-            step += 1
-            continue
-        if train_loss is None:
-            train_loss = reader.result()  # the host sync of this step, with the optimizer queued
-            if problem := guard.check_before_step(train_loss):  # the step above was a no-op
-                bad_step(step, problem, train_loss)
-                step += 1
-                continue
-        guard.on_good_step()
-        if ema:
-            ema.update()
-        mem_probe.end("optimizer")
-        if after := guard.check_after_step():  # --debug-nan: the update itself went non-finite
-            print0(f"step {step:05d} | {after}; stopping (an optimizer step cannot be undone). "
-                   f"The last saved checkpoint is untouched.")
-            compute_cleanup()
-            sys.exit(1)
-        if scores is not None:
-            dyn.update(step, scores)  # one host sync, after the optimizer work has been queued
-            for w in dyn.pop_warnings():
-                print0(f"dynamic_suffix warning: {w}")
+        read_late = not (device_type != "cuda" or clock_was_stopped or train_loss is not None
+                         or scores is not None or ema or mem_probe.active)
+        if not read_late:
+            if train_loss is None:
+                train_loss = reader.result()  # the host sync of this step, with the optimizer queued
+                if problem := guard.check_before_step(train_loss):  # the step above was a no-op
+                    bad_step(step, problem, train_loss)
+                    step += 1
+                    continue
+            guard.on_good_step()
+            if ema:
+                ema.update()
+            mem_probe.end("optimizer")
+            if after := guard.check_after_step():  # --debug-nan: the update itself went non-finite
+                print0(f"step {step:05d} | {after}; stopping (an optimizer step cannot be undone). "
+                       f"The last saved checkpoint is untouched.")
+                compute_cleanup()
+                sys.exit(1)
+            if scores is not None:
+                dyn.update(step, scores)  # one host sync, after the optimizer work has been queued
+                for w in dyn.pop_warnings():
+                    print0(f"dynamic_suffix warning: {w}")
         rec["mem"] = max(max_memory(), mem_probe.step_peak()) / 2**20
         rec["lines"] = [line for line in ((dyn.log_line(step) if dyn else None), mem_probe.report()) if line]
-        log_step(rec, train_loss)
+        if read_late:
+            pending = rec
+        else:
+            log_step(rec, train_loss)
         step += 1
         if step == first_step + 1:
             # Python's cyclic GC scans the big object graph of compiled code for little gain; freeze
