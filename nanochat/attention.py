@@ -23,6 +23,11 @@ Backends
 * ``sdpa``  ``F.scaled_dot_product_attention``. Full causal uses ``is_causal=True`` (flash/cuDNN
             kernels). Windows use an explicit boolean mask, which forces the slow masked kernels
             (the "sliding windows without FA3 run 10x slower" trap), so ``auto`` avoids it on CUDA.
+* ``cudnn`` cuDNN's fused attention with its native sliding window (a diagonal band), through the
+            optional ``nvidia-cudnn-frontend`` package's ``torch.ops.cudnn.sdpa_fwd`` (a registered
+            custom op with autograd and a fake kernel, so it sits inside compiled regions). The
+            'S' layers skip everything outside the band at cuDNN's speed; the 'L' layers use SDPA's
+            is_causal kernels (cuDNN on Hopper as well). CUDA only.
 * ``flex``  FlexAttention with a cached sliding-window ``BlockMask`` for the 'S' layers:
             fully-masked tiles are skipped, so windowed layers cost ~window/T of full attention;
             the 'L' layers use SDPA's is_causal kernels. Needs ``torch.compile`` to be fast;
@@ -36,12 +41,13 @@ log) and says why; ``attention`` dispatches to it.
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("fa3", "flex", "sdpa", "eager")
+BACKENDS = ("fa3", "cudnn", "flex", "sdpa", "eager")
 
 # SDPA grew enable_gqa in torch 2.5; keep a repeat_interleave fallback so older builds stay correct.
 _SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
@@ -216,7 +222,32 @@ def attention_fa3(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int
     return out[0] if isinstance(out, tuple) else out   # some FA3 versions also return the LSE
 
 
-_IMPLS = {"fa3": attention_fa3, "flex": attention_flex, "sdpa": attention_sdpa, "eager": attention_eager}
+@functools.lru_cache(maxsize=1)
+def _cudnn_sdpa_op():
+    """``torch.ops.cudnn.sdpa_fwd`` (nvidia-cudnn-frontend >= 1.32 registers it on import)."""
+    importlib.import_module("cudnn.sdpa.fwd.torch_op")  # registers the op
+    return torch.ops.cudnn.sdpa_fwd
+
+
+def attention_cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int = -1) -> torch.Tensor:
+    """cuDNN fused attention with a native sliding window for 'S' layers; SDPA is_causal for 'L'.
+
+    cuDNN's left band bound is a length: it admits keys j > i - bound, so ``window_left = w`` is
+    exactly this module's "w most recent keys including self". GQA is native (H_k < H_q).
+    """
+    _check_shapes(q, k, v)
+    T, D = q.shape[1], q.shape[3]
+    w = normalize_window(window, T)
+    if w == -1:
+        return attention_sdpa(q, k, v, window)
+    if not torch.compiler.is_compiling():
+        _cudnn_sdpa_op()  # import once, outside any trace (dynamo cannot trace an import)
+    y, _lse = torch.ops.cudnn.sdpa_fwd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), D ** -0.5,
+                                       is_causal=True, window_left=w)
+    return y.transpose(1, 2).contiguous()
+
+
+_IMPLS = {"fa3": attention_fa3, "cudnn": attention_cudnn, "flex": attention_flex, "sdpa": attention_sdpa, "eager": attention_eager}
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int = -1,
@@ -255,6 +286,19 @@ def cuda_capability() -> tuple[int, int] | None:
     return torch.cuda.get_device_capability()
 
 
+@functools.lru_cache(maxsize=1)
+def _cudnn_frontend_problem() -> str | None:
+    try:
+        _cudnn_sdpa_op()
+        return None
+    except Exception as e:  # ImportError, or a frontend built against another cuDNN
+        return f"{type(e).__name__}: {e}".splitlines()[0][:200]
+
+
+def cudnn_frontend_importable() -> bool:
+    return _cudnn_frontend_problem() is None
+
+
 def flex_importable() -> bool:
     try:
         _flex_module()
@@ -286,6 +330,18 @@ def _unavailable_reason(backend: str, device_type: str, dtype: torch.dtype) -> s
         if dtype != torch.bfloat16:
             return f"fa3 is used only with bfloat16, got {dtype}"
         return None
+    if backend == "cudnn":
+        if device_type != "cuda":
+            return f"cudnn needs a CUDA device, got device_type={device_type!r}"
+        if not cudnn_frontend_importable():
+            return ("cudnn needs torch.ops.cudnn.sdpa_fwd from the nvidia-cudnn-frontend package "
+                    f"(pip install 'nvidia-cudnn-frontend>=1.32'), which is not importable: {_cudnn_frontend_problem()}")
+        cap = cuda_capability()
+        if cap is None or cap < (8, 0):
+            return f"cudnn fused attention needs compute capability >= 8.0, found {cap}"
+        if dtype not in (torch.bfloat16, torch.float16):
+            return f"cudnn fused attention runs bf16/fp16 only, got {dtype}"
+        return None
     if backend == "flex":
         if not flex_importable():
             return f"flex needs torch.nn.attention.flex_attention (torch >= 2.5), torch is {torch.__version__}"
@@ -306,8 +362,9 @@ def select_attention_backend(device_type: str, window_pattern: str, dtype,
     honoured if it can run here, else ValueError explains why not.
 
     auto on CUDA: fa3 (Hopper + bf16 + importable) > sdpa when every layer is 'L' (is_causal flash
-    / cuDNN kernels) > flex when any layer slides (skips masked tiles; its 'L' layers run SDPA
-    is_causal) > masked sdpa (slow, warned).
+    / cuDNN kernels) > cudnn when any layer slides and nvidia-cudnn-frontend is importable (cuDNN's
+    native window; measured faster than flex, docs/optimizations/throughput.md section 13) > flex
+    (skips masked tiles; its 'L' layers run SDPA is_causal) > masked sdpa (slow, warned).
     auto elsewhere: sdpa (is_causal for 'L', boolean mask for 'S'; flex has no CPU backward).
     """
     if not isinstance(window_pattern, str) or not window_pattern or set(window_pattern.upper()) - {"S", "L"}:
@@ -328,9 +385,14 @@ def select_attention_backend(device_type: str, window_pattern: str, dtype,
             return "fa3", "flash_attn_interface importable on Hopper with bf16: FA3 native sliding windows"
         if not has_short:
             return "sdpa", f"full-causal pattern {window_pattern}: SDPA flash/cuDNN kernels (is_causal=True)"
+        cudnn_why_not = _unavailable_reason("cudnn", device_type, dtype)
+        if cudnn_why_not is None:
+            return "cudnn", (f"sliding windows in pattern {window_pattern} without FA3: cuDNN's native sliding "
+                             "window (nvidia-cudnn-frontend) for the S layers, SDPA is_causal for the L layers")
         if _unavailable_reason("flex", device_type, dtype) is None:
-            return "flex", (f"sliding windows in pattern {window_pattern} without FA3: FlexAttention skips "
-                            "masked blocks in the S layers, L layers use SDPA is_causal")
+            return "flex", (f"sliding windows in pattern {window_pattern} without FA3 or cuDNN windows "
+                            f"({cudnn_why_not}): FlexAttention skips masked blocks in the S layers, L layers "
+                            "use SDPA is_causal")
         return "sdpa", (f"sliding windows in pattern {window_pattern} without FA3 or FlexAttention: SDPA with an "
                         "explicit mask (correct but much slower)")
     if not has_short:
@@ -345,5 +407,7 @@ def prepare_attention(backend: str, T: int, windows, device) -> None:
     for w in set(windows):
         if backend == "flex" and normalize_window(w, T) != -1:
             get_block_mask(T, w, device)
+        elif backend == "cudnn":
+            _cudnn_sdpa_op()  # registers torch.ops.cudnn.sdpa_fwd before the model is traced
         elif backend == "sdpa" and normalize_window(w, T) != -1:
             _cached_window_mask(T, normalize_window(w, T), device)

@@ -43,6 +43,12 @@ if [[ "$SKIP_SETUP" == 0 && "$DRY_RUN" == 0 ]]; then
     fi
   fi
   pip install -q -e ".[dev]"
+  if [[ "$has_gpu" == 1 ]]; then
+    # cuDNN's native sliding-window attention for --window-pattern with S layers (the `cudnn` attention
+    # backend; throughput.md section 13). --no-deps: its torch op needs only cuDNN, which torch ships.
+    pip install -q --no-deps "nvidia-cudnn-frontend>=1.32" \
+      || echo "WARNING: nvidia-cudnn-frontend did not install; S layers will use FlexAttention (slower)" >&2
+  fi
 elif [[ -x .venv/bin/python && "$DRY_RUN" == 0 ]]; then
   # shellcheck disable=SC1091
   source .venv/bin/activate

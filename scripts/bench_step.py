@@ -23,6 +23,7 @@ import time
 import torch
 import torch._dynamo
 
+from nanochat.attention import select_attention_backend
 from nanochat.fp8 import Fp8Options, convert_to_fp8
 from nanochat.gpt import GPT, GPTConfig, inductor_settings
 from nanochat.optim import MuonAdamW
@@ -77,7 +78,9 @@ def build(args, device, compile_ortho=True, fp8="off", muon_fuse=True, muon_pack
     model.to_empty(device=device)
     model.init_weights()
     model.compute_dtype = torch.bfloat16
-    model.attn_backend = args.attn_backend
+    # validates the name and registers what the backend needs (e.g. the cuDNN op) before tracing
+    model.attn_backend, _ = select_attention_backend(device.type, args.window_pattern, torch.bfloat16,
+                                                     requested=args.attn_backend)
     model.lm_ce_backend = args.lm_ce_backend
     model.lm_ce_kernel = ce_kernel
     if fp8 != "off":

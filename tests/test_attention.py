@@ -165,9 +165,10 @@ def test_shape_errors():
 
 @pytest.fixture
 def hw(monkeypatch):
-    """Fake hardware: hw(fa3=bool, cap=(9, 0) | None, flex=bool)."""
-    def set_(fa3=False, cap=(9, 0), flex=True):
+    """Fake hardware: hw(fa3=bool, cap=(9, 0) | None, flex=bool, cudnn=bool)."""
+    def set_(fa3=False, cap=(9, 0), flex=True, cudnn=False):
         monkeypatch.setattr(A, "fa3_importable", lambda: fa3)
+        monkeypatch.setattr(A, "_cudnn_frontend_problem", lambda: None if cudnn else "ModuleNotFoundError: cudnn")
         monkeypatch.setattr(A, "cuda_capability", lambda: cap)
         monkeypatch.setattr(A, "flex_importable", lambda: flex)
     return set_
@@ -195,12 +196,36 @@ def test_select_cuda(hw, fa3, cap, flex, pattern, dtype, expected):
     assert isinstance(reason, str) and reason.strip()
 
 
+@pytest.mark.parametrize(
+    "fa3,cap,pattern,dtype,expected",
+    [
+        (False, (9, 0), "SSSL", torch.bfloat16, "cudnn"),  # cuDNN windows beat flex when importable
+        (False, (8, 0), "SSSL", torch.bfloat16, "cudnn"),
+        (False, (9, 0), "L", torch.bfloat16, "sdpa"),       # no window: plain SDPA is_causal
+        (True, (9, 0), "SSSL", torch.bfloat16, "fa3"),      # FA3 still first
+        (False, (9, 0), "SSSL", torch.float32, "flex"),     # cuDNN fused attention is bf16/fp16 only
+        (False, (7, 5), "SSSL", torch.bfloat16, "flex"),    # pre-Ampere: no cuDNN fused attention
+    ],
+)
+def test_select_cuda_with_cudnn_frontend(hw, fa3, cap, pattern, dtype, expected):
+    hw(fa3=fa3, cap=cap, flex=True, cudnn=True)
+    backend, reason = A.select_attention_backend("cuda", pattern, dtype)
+    assert backend == expected
+    assert isinstance(reason, str) and reason.strip()
+
+
 @pytest.mark.parametrize("device_type", ["cpu", "mps"])
 @pytest.mark.parametrize("pattern", ["L", "SSSL"])
 def test_select_non_cuda_is_sdpa_even_with_fa3(hw, device_type, pattern):
     hw(fa3=True, cap=(9, 0), flex=True)
     backend, reason = A.select_attention_backend(device_type, pattern, torch.bfloat16)
     assert backend == "sdpa" and reason
+
+
+def test_flex_reason_says_why_cudnn_was_not_used(hw):
+    hw(cudnn=False)
+    backend, reason = A.select_attention_backend("cuda", "SSSL", torch.bfloat16)
+    assert backend == "flex" and "ModuleNotFoundError: cudnn" in reason
 
 
 def test_select_real_cpu():
@@ -226,6 +251,9 @@ def test_select_explicit_requests(hw):
         ({"fa3": True}, "cpu", torch.bfloat16, "fa3", "CUDA"),
         ({}, "cpu", torch.float32, "flex", "no backward"),
         ({"flex": False}, "cuda", torch.bfloat16, "flex", "flex_attention"),
+        ({"cudnn": False}, "cuda", torch.bfloat16, "cudnn", "nvidia-cudnn-frontend"),
+        ({"cudnn": True}, "cpu", torch.bfloat16, "cudnn", "CUDA"),
+        ({"cudnn": True}, "cuda", torch.float32, "cudnn", "bf16/fp16"),
     ],
 )
 def test_select_unavailable_request_raises(hw, hwargs, device_type, dtype, requested, match):
@@ -260,6 +288,35 @@ def test_cuda_backends_match_eager(backend, window, H, Hkv):
     got = _fwd_bwd(backend, q, k, v, window)
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
         torch.testing.assert_close(a.float(), b.float(), atol=3e-2, rtol=3e-2, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("H,Hkv", [(4, 2), (4, 4)])
+@pytest.mark.parametrize("window", [-1, 1, 37, 64, 200, 256])
+def test_cuda_cudnn_window_matches_eager(window, H, Hkv):
+    if not A.cudnn_frontend_importable():
+        pytest.skip(f"nvidia-cudnn-frontend not importable: {A._cudnn_frontend_problem()}")
+    q, k, v = _qkv(B=2, T=256, H=H, Hkv=Hkv, D=64, dtype=torch.bfloat16, device="cuda")
+    ref = _fwd_bwd("eager", q, k, v, window)
+    got = _fwd_bwd("cudnn", q, k, v, window)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
+        torch.testing.assert_close(a.float(), b.float(), atol=3e-2, rtol=3e-2, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.gpu
+def test_cuda_cudnn_window_inside_compiled_function():
+    """The op is registered with a fake kernel and autograd: one graph, no break, same numbers."""
+    if not A.cudnn_frontend_importable():
+        pytest.skip(f"nvidia-cudnn-frontend not importable: {A._cudnn_frontend_problem()}")
+    q, k, v = _qkv(B=2, T=256, H=4, Hkv=4, D=128, dtype=torch.bfloat16, device="cuda")
+    eager = _fwd_bwd("cudnn", q, k, v, 128)
+    f = torch.compile(lambda q, k, v: A.attention(q, k, v, 128, "cudnn"), fullgraph=True)
+    q2, k2, v2 = (t.clone().requires_grad_(True) for t in (q, k, v))
+    out = f(q2, k2, v2)
+    g = torch.Generator().manual_seed(1)
+    (out.float() * torch.randn(out.shape, generator=g).to(out.device)).sum().backward()
+    for name, a, b in zip(("out", "dq", "dk", "dv"), (out, q2.grad, k2.grad, v2.grad), eager):
+        torch.testing.assert_close(a.float(), b.float(), atol=1e-2, rtol=1e-2, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.gpu
