@@ -101,22 +101,24 @@ class KVCache:
 def uncompiled(model: torch.nn.Module):
     """Run every `nn.Module.compile`-d submodule of `model` eagerly inside the block.
 
-    The FlexAttention backend is swapped for SDPA meanwhile: flex compiles its kernel and builds
-    its block mask per sequence length, which variable-length evaluation would multiply."""
+    The FlexAttention and cuDNN-window backends are swapped for SDPA meanwhile: flex compiles its
+    kernel and builds its block mask per sequence length, the cuDNN op builds a graph per shape, and
+    variable-length evaluation would multiply either."""
     saved = []
     for mod in model.modules():
         if getattr(mod, "_compiled_call_impl", None) is not None:
             saved.append((mod, mod._compiled_call_impl))
             mod._compiled_call_impl = None
     backend = getattr(model, "attn_backend", None)
-    if backend == "flex":
+    swapped = backend in ("flex", "cudnn")
+    if swapped:
         model.attn_backend = "sdpa"
     try:
         yield model
     finally:
         for mod, fn in saved:
             mod._compiled_call_impl = fn
-        if backend == "flex":
+        if swapped:
             model.attn_backend = backend
 
 

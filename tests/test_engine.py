@@ -108,11 +108,12 @@ def test_uncompiled_and_eval_mode_restore_everything():
     ids = torch.randint(0, 64, (1, 8))
     with pytest.raises(AssertionError):
         m(ids)
-    m.attn_backend = "flex"   # compiled per sequence length: variable-length evaluation uses SDPA
-    with uncompiled(m):
-        assert m.attn_backend == "sdpa"
-        m(ids)
-    assert block._compiled_call_impl is boom and m.attn_backend == "flex"
+    for backend in ("flex", "cudnn"):   # built per sequence length: variable-length evaluation uses SDPA
+        m.attn_backend = backend
+        with uncompiled(m):
+            assert m.attn_backend == "sdpa"
+            m(ids)
+        assert block._compiled_call_impl is boom and m.attn_backend == backend
     m.attn_backend = "sdpa"
     block._compiled_call_impl = None
 
