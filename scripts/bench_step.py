@@ -59,6 +59,7 @@ def parse():
                         "place; the single-process default), off (stacked and copied back every step)")
     p.add_argument("--fp8-exclude-regex", type=str, default=None, help="as base_train's flag")
     p.add_argument("--fp8-fast-accum", action="store_true", help="as base_train's flag (custom backend)")
+    p.add_argument("--fp8-weight-grad-bf16", action="store_true", help="as base_train's flag (custom backend)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--profile", action="store_true",
@@ -85,7 +86,8 @@ def build(args, device, compile_ortho=True, fp8="off", muon_fuse=True, muon_pack
     model.lm_ce_kernel = ce_kernel
     if fp8 != "off":
         opts = Fp8Options(enabled=True, backend=fp8.split("-")[0], no_allow_in_graph=fp8.endswith("-traced"),
-                          exclude_regex=args.fp8_exclude_regex, fast_accum=args.fp8_fast_accum)
+                          exclude_regex=args.fp8_exclude_regex, fast_accum=args.fp8_fast_accum,
+                          weight_grad_bf16=args.fp8_weight_grad_bf16)
         if args.lm_ce_backend == "chunked":
             opts.skip_lm_head = True  # as base_train: the chunked CE reads the weight directly
         print(convert_to_fp8(model, opts).summary(), flush=True)
