@@ -299,6 +299,22 @@ def cudnn_frontend_importable() -> bool:
     return _cudnn_frontend_problem() is None
 
 
+@functools.lru_cache(maxsize=None)
+def _cudnn_window_probe(head_dim: int, dtype: torch.dtype) -> str | None:
+    """Run one tiny windowed forward + backward on the current GPU; None if it works, else why not.
+
+    Importing the frontend does not prove that the installed cuDNN builds this graph (an old
+    libcudnn, a head dim it has no kernel for); finding out here lets ``auto`` fall back to flex
+    with the reason in the log instead of failing inside the first compiled step."""
+    try:
+        x = torch.randn(1, 128, 2, head_dim, device="cuda", dtype=dtype, requires_grad=True)
+        attention_cudnn(x, x, x, 64).float().sum().backward()
+        torch.cuda.synchronize()
+        return None
+    except Exception as e:  # cuDNN graph build / support-check errors come in several types
+        return f"{type(e).__name__}: {e}".splitlines()[0][:200]
+
+
 def flex_importable() -> bool:
     try:
         _flex_module()
@@ -317,8 +333,10 @@ def _parse_dtype(dtype) -> torch.dtype:
     raise ValueError(f"unsupported dtype {dtype!r} for attention backend selection")
 
 
-def _unavailable_reason(backend: str, device_type: str, dtype: torch.dtype) -> str | None:
-    """None if `backend` can run (forward and backward) here, else why not."""
+def _unavailable_reason(backend: str, device_type: str, dtype: torch.dtype,
+                        head_dim: int | None = None) -> str | None:
+    """None if `backend` can run (forward and backward) here, else why not. With `head_dim`, the
+    cudnn backend is also tried once on the GPU (``_cudnn_window_probe``)."""
     if backend == "fa3":
         if device_type != "cuda":
             return f"fa3 needs a CUDA device, got device_type={device_type!r}"
@@ -341,6 +359,10 @@ def _unavailable_reason(backend: str, device_type: str, dtype: torch.dtype) -> s
             return f"cudnn fused attention needs compute capability >= 8.0, found {cap}"
         if dtype not in (torch.bfloat16, torch.float16):
             return f"cudnn fused attention runs bf16/fp16 only, got {dtype}"
+        if head_dim is not None:
+            problem = _cudnn_window_probe(head_dim, dtype)
+            if problem is not None:
+                return f"a test call of cuDNN's windowed attention (head dim {head_dim}) failed: {problem}"
         return None
     if backend == "flex":
         if not flex_importable():
@@ -354,12 +376,13 @@ def _unavailable_reason(backend: str, device_type: str, dtype: torch.dtype) -> s
 
 
 def select_attention_backend(device_type: str, window_pattern: str, dtype,
-                             requested: str = "auto") -> tuple[str, str]:
+                             requested: str = "auto", head_dim: int | None = None) -> tuple[str, str]:
     """Pick ONE attention backend for the run; return (backend, human-readable reason).
 
     ``window_pattern`` is the per-layer pattern of 'L' (full causal) and 'S' (sliding window)
     layers, e.g. "L" or "SSSL". ``requested`` is 'auto' or a backend name; an explicit name is
-    honoured if it can run here, else ValueError explains why not.
+    honoured if it can run here, else ValueError explains why not. ``head_dim`` (the model's)
+    lets the cudnn backend be test-called once on the GPU before it is chosen.
 
     auto on CUDA: fa3 (Hopper + bf16 + importable) > sdpa when every layer is 'L' (is_causal flash
     / cuDNN kernels) > cudnn when any layer slides and nvidia-cudnn-frontend is importable (cuDNN's
@@ -375,7 +398,7 @@ def select_attention_backend(device_type: str, window_pattern: str, dtype,
         if requested not in BACKENDS:
             raise ValueError(f"unknown attention backend {requested!r}; choose 'auto' or one of "
                              f"{', '.join(BACKENDS)}")
-        why_not = _unavailable_reason(requested, device_type, dtype)
+        why_not = _unavailable_reason(requested, device_type, dtype, head_dim)
         if why_not is not None:
             raise ValueError(f"attention backend {requested!r} is not available: {why_not}")
         return requested, f"requested explicitly ({requested})"
@@ -385,7 +408,7 @@ def select_attention_backend(device_type: str, window_pattern: str, dtype,
             return "fa3", "flash_attn_interface importable on Hopper with bf16: FA3 native sliding windows"
         if not has_short:
             return "sdpa", f"full-causal pattern {window_pattern}: SDPA flash/cuDNN kernels (is_causal=True)"
-        cudnn_why_not = _unavailable_reason("cudnn", device_type, dtype)
+        cudnn_why_not = _unavailable_reason("cudnn", device_type, dtype, head_dim)
         if cudnn_why_not is None:
             return "cudnn", (f"sliding windows in pattern {window_pattern} without FA3: cuDNN's native sliding "
                              "window (nvidia-cudnn-frontend) for the S layers, SDPA is_causal for the L layers")

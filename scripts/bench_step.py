@@ -81,7 +81,7 @@ def build(args, device, compile_ortho=True, fp8="off", muon_fuse=True, muon_pack
     model.compute_dtype = torch.bfloat16
     # validates the name and registers what the backend needs (e.g. the cuDNN op) before tracing
     model.attn_backend, _ = select_attention_backend(device.type, args.window_pattern, torch.bfloat16,
-                                                     requested=args.attn_backend)
+                                                     requested=args.attn_backend, head_dim=args.head_dim)
     model.lm_ce_backend = args.lm_ce_backend
     model.lm_ce_kernel = ce_kernel
     if fp8 != "off":

@@ -165,10 +165,11 @@ def test_shape_errors():
 
 @pytest.fixture
 def hw(monkeypatch):
-    """Fake hardware: hw(fa3=bool, cap=(9, 0) | None, flex=bool, cudnn=bool)."""
-    def set_(fa3=False, cap=(9, 0), flex=True, cudnn=False):
+    """Fake hardware: hw(fa3=bool, cap=(9, 0) | None, flex=bool, cudnn=bool, cudnn_probe=None | str)."""
+    def set_(fa3=False, cap=(9, 0), flex=True, cudnn=False, cudnn_probe=None):
         monkeypatch.setattr(A, "fa3_importable", lambda: fa3)
         monkeypatch.setattr(A, "_cudnn_frontend_problem", lambda: None if cudnn else "ModuleNotFoundError: cudnn")
+        monkeypatch.setattr(A, "_cudnn_window_probe", lambda head_dim, dtype: cudnn_probe)
         monkeypatch.setattr(A, "cuda_capability", lambda: cap)
         monkeypatch.setattr(A, "flex_importable", lambda: flex)
     return set_
@@ -220,6 +221,18 @@ def test_select_non_cuda_is_sdpa_even_with_fa3(hw, device_type, pattern):
     hw(fa3=True, cap=(9, 0), flex=True)
     backend, reason = A.select_attention_backend(device_type, pattern, torch.bfloat16)
     assert backend == "sdpa" and reason
+
+
+def test_cudnn_that_imports_but_fails_its_test_call_falls_back_to_flex(hw):
+    """An importable frontend whose graph cannot be built (old libcudnn, unsupported head dim) must
+    not be chosen by auto, and an explicit request must fail with the reason, before training."""
+    hw(cudnn=True, cudnn_probe="cudnnGraphNotSupportedError: no engine")
+    backend, reason = A.select_attention_backend("cuda", "SSSL", torch.bfloat16, head_dim=128)
+    assert backend == "flex" and "no engine" in reason and "head dim 128" in reason
+    with pytest.raises(ValueError, match="no engine"):
+        A.select_attention_backend("cuda", "SSSL", torch.bfloat16, requested="cudnn", head_dim=128)
+    # without a head dim (callers that only ask what is installed) no test call is made
+    assert A.select_attention_backend("cuda", "SSSL", torch.bfloat16)[0] == "cudnn"
 
 
 def test_flex_reason_says_why_cudnn_was_not_used(hw):
@@ -301,6 +314,14 @@ def test_cuda_cudnn_window_matches_eager(window, H, Hkv):
     got = _fwd_bwd("cudnn", q, k, v, window)
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
         torch.testing.assert_close(a.float(), b.float(), atol=3e-2, rtol=3e-2, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.gpu
+def test_cuda_cudnn_probe_and_auto_selection():
+    if not A.cudnn_frontend_importable():
+        pytest.skip(f"nvidia-cudnn-frontend not importable: {A._cudnn_frontend_problem()}")
+    assert A._cudnn_window_probe(128, torch.bfloat16) is None
+    assert A.select_attention_backend("cuda", "SSSL", torch.bfloat16, head_dim=128)[0] in ("fa3", "cudnn")
 
 
 @pytest.mark.gpu
