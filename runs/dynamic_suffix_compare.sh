@@ -8,6 +8,8 @@
 #   FULL_NUM_ITERATIONS=520 DYNAMIC_NUM_ITERATIONS=650 EVAL_EVERY=20 SEEDS="1 2 3" \
 #     bash runs/dynamic_suffix_compare.sh                                              # time to target (headline)
 #   TIME_BUDGET_SEC=190 SEEDS="42 43 44" bash runs/dynamic_suffix_compare.sh             # equal wall-clock budget
+#   FULL_NUM_ITERATIONS=520 DYNAMIC_TIME_BUDGET_SEC=133 EVAL_EVERY=25 SEEDS="1 2 3" \
+#     bash runs/dynamic_suffix_compare.sh             # time to target, dynamic schedule over full's time
 #   USE_FP8_COMPARE=1 FP8_BACKEND_COMPARE=custom bash runs/dynamic_suffix_compare.sh     # FP8 in both arms
 #   DRY_RUN=1 bash runs/dynamic_suffix_compare.sh                                        # print every command
 #
@@ -25,6 +27,11 @@
 #   USE_FP8_COMPARE=0|1   --fp8 in both arms; FP8_BACKEND_COMPARE (custom|torchao) and
 #                         FP8_RECIPE_COMPARE (tensorwise|rowwise) likewise
 #   TIME_BUDGET_SEC       equal step-time budget per run (compile included, eval excluded)
+#   DYNAMIC_TIME_BUDGET_SEC  a step-time budget for the dynamic arm only (its LR schedule spans it;
+#                         DYNAMIC_NUM_ITERATIONS, if set, is a cap), while full_update runs its fixed
+#                         FULL_NUM_ITERATIONS: the headline time to target with the dynamic arm's
+#                         schedule sized to full_update's own time (set it to that time). Not with
+#                         TIME_BUDGET_SEC.
 #   RESULTS_DIR           default results/dynamic_suffix_compare_<timestamp>
 #   WARMUP_STEPS=2        an unrecorded full_update run of this many steps first (does setup and data
 #                         preparation, warms the page and compile caches); 0 = none
@@ -77,6 +84,7 @@ FP8_RECIPE_COMPARE=${FP8_RECIPE_COMPARE:-}
 FULL_NUM_ITERATIONS=${FULL_NUM_ITERATIONS:-${NUM_ITERATIONS:-}}
 DYNAMIC_NUM_ITERATIONS=${DYNAMIC_NUM_ITERATIONS:-${NUM_ITERATIONS:-}}
 TIME_BUDGET_SEC=${TIME_BUDGET_SEC:-}
+DYNAMIC_TIME_BUDGET_SEC=${DYNAMIC_TIME_BUDGET_SEC:-}
 WARMUP_STEPS=${WARMUP_STEPS:-2}
 KEEP_CHECKPOINTS=${KEEP_CHECKPOINTS:-0}
 COMPILE_CACHE=${COMPILE_CACHE:-shared}
@@ -110,10 +118,13 @@ for v in FULL_NUM_ITERATIONS DYNAMIC_NUM_ITERATIONS; do
   [[ -z "$x" ]] || { [[ "$x" =~ ^[0-9]+$ ]] && (( 10#$x >= 1 )); } \
     || bad "$v=$x must be an integer >= 1 (it defaults to NUM_ITERATIONS)"
 done
-if [[ -n "$TIME_BUDGET_SEC" ]]; then
-  { is_num "$TIME_BUDGET_SEC" && awk -v t="$TIME_BUDGET_SEC" 'BEGIN{exit !(t > 0)}'; } \
-    || bad "TIME_BUDGET_SEC=$TIME_BUDGET_SEC must be a number of seconds > 0"
-fi
+for v in TIME_BUDGET_SEC DYNAMIC_TIME_BUDGET_SEC; do
+  x=${!v}
+  [[ -z "$x" ]] || { is_num "$x" && awk -v t="$x" 'BEGIN{exit !(t > 0)}'; } \
+    || bad "$v=$x must be a number of seconds > 0"
+done
+[[ -z "$TIME_BUDGET_SEC" || -z "$DYNAMIC_TIME_BUDGET_SEC" ]] \
+  || bad "TIME_BUDGET_SEC (both arms) and DYNAMIC_TIME_BUDGET_SEC (dynamic arm only) are exclusive; set one"
 [[ "$WARMUP_STEPS" =~ ^[0-9]+$ ]] || bad "WARMUP_STEPS=$WARMUP_STEPS must be an integer >= 0"
 is_bool "$KEEP_CHECKPOINTS" || bad "KEEP_CHECKPOINTS=$KEEP_CHECKPOINTS must be 0 or 1"
 [[ "$COMPILE_CACHE" == shared || "$COMPILE_CACHE" == per_run ]] \
@@ -175,6 +186,13 @@ if [[ -n "$TIME_BUDGET_SEC" ]]; then
   MODE="equal time budget: ${TIME_BUDGET_SEC}s of step time per run"
   FULL_ITERS=${FULL_NUM_ITERATIONS:--1}       # -1: the clock alone ends the run
   DYN_ITERS=${DYNAMIC_NUM_ITERATIONS:--1}
+elif [[ -n "$DYNAMIC_TIME_BUDGET_SEC" ]]; then
+  MODE="time to target: full=${FULL_NUM_ITERATIONS:-runner default} steps, dynamic over a ${DYNAMIC_TIME_BUDGET_SEC}s step-time budget"
+  FULL_ITERS=$FULL_NUM_ITERATIONS
+  DYN_ITERS=${DYNAMIC_NUM_ITERATIONS:--1}
+  if [[ -z "${EVAL_EVERY:-}" && -n "$FULL_ITERS" ]]; then
+    EVAL_EVERY=$(( FULL_ITERS / 20 > 0 ? FULL_ITERS / 20 : 1 ))   # ~20 points: the crossing needs a fine curve
+  fi
 else
   MODE="fixed steps: full=${FULL_NUM_ITERATIONS:-runner default} dynamic=${DYNAMIC_NUM_ITERATIONS:-runner default}"
   FULL_ITERS=$FULL_NUM_ITERATIONS
@@ -221,7 +239,8 @@ speedrun_env() {
     assign+=(METRICS_FILE="$RESULTS_DIR/$id.metrics.jsonl")
     local iters=$FULL_ITERS; [[ "$role" == dynamic ]] && iters=$DYN_ITERS
     [[ -z "$iters" ]] || assign+=(NUM_ITERATIONS="$iters")
-    [[ -z "$TIME_BUDGET_SEC" ]] || assign+=(TIME_BUDGET_SEC="$TIME_BUDGET_SEC")
+    local budget=$TIME_BUDGET_SEC; [[ "$role" == dynamic && -n "$DYNAMIC_TIME_BUDGET_SEC" ]] && budget=$DYNAMIC_TIME_BUDGET_SEC
+    [[ -z "$budget" ]] || assign+=(TIME_BUDGET_SEC="$budget")
     [[ -z "${EVAL_EVERY:-}" ]] || assign+=(EVAL_EVERY="$EVAL_EVERY")
   fi
   if [[ "$COMPILE_CACHE" == per_run && "$role" != warmup ]]; then
@@ -327,9 +346,10 @@ for k in "${!EXEC_IDS[@]}"; do
     continue
   fi
   order=$((order + 1))
-  schedule=full_update; [[ "$role" == dynamic ]] && schedule=dynamic_suffix
+  schedule=full_update; budget=${TIME_BUDGET_SEC:-}
+  [[ "$role" == dynamic ]] && { schedule=dynamic_suffix; budget=${DYNAMIC_TIME_BUDGET_SEC:-$budget}; }
   printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$id" "$role$FP8_TAG" "$schedule" "$seed" "$order" \
-    "${TIME_BUDGET_SEC:-}" "$wall" "$rc" "$id.metrics.jsonl" "$id.log" "${COMMAND[$id]}" >> "$MANIFEST"
+    "$budget" "$wall" "$rc" "$id.metrics.jsonl" "$id.log" "${COMMAND[$id]}" >> "$MANIFEST"
   if (( rc != 0 )); then failed=$((failed + 1)); say "run $id FAILED (exit $rc); continuing, see $log"; fi
 done
 

@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNER = os.path.join(ROOT, "runs", "dynamic_suffix_compare.sh")
 # Variables that the caller's shell could leak into the runner and change what it does.
 LEAKY = re.compile(r"^(DYN_|SEED|SEEDS|MODEL_TAG|METRICS_FILE|LOG_FILE|USE_FP8|FP8_|BLOCK_UPDATE_SCHEDULE|"
-                   r"NUM_ITERATIONS|FULL_NUM_ITERATIONS|DYNAMIC_NUM_ITERATIONS|TIME_BUDGET_SEC|EVAL_|"
+                   r"NUM_ITERATIONS|FULL_NUM_ITERATIONS|DYNAMIC_NUM_ITERATIONS|TIME_BUDGET_SEC|DYNAMIC_TIME_BUDGET_SEC|EVAL_|"
                    r"BASE_TRAIN_EXTRA_ARGS|RESULTS_DIR|WARMUP_STEPS|KEEP_CHECKPOINTS|DRY_RUN|SKIP_SETUP|"
                    r"PREPARE_DATA|DEPTH|NPROC_PER_NODE)")
 
@@ -442,6 +442,24 @@ def test_dry_run_fp8_time_budget_and_iterations(tmp_path):
     assert "--num-iterations=900" in cmds["dynamic_s42"] and "--num-iterations=-1" in cmds["full_s42"]
 
 
+def test_dry_run_dynamic_time_budget_only_for_the_dynamic_arm(tmp_path):
+    """Time to target with the dynamic arm's schedule sized to full_update's time: full_update keeps
+    its fixed steps and no budget, the dynamic arm gets the budget (steps only a cap)."""
+    p = runner({"FULL_NUM_ITERATIONS": "520", "DYNAMIC_TIME_BUDGET_SEC": "133", "WARMUP_STEPS": "0"}, tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "dynamic over a 133s step-time budget" in p.stdout
+    cmds = commands(p.stdout)
+    assert "--num-iterations=520" in cmds["full_s42"]
+    assert not [f for f in cmds["full_s42"] if f.startswith("--time-budget-sec")]
+    assert {"--time-budget-sec=133", "--num-iterations=-1"} <= set(cmds["dynamic_s42"])
+    for c in cmds.values():
+        assert "--eval-every=26" in c   # 520 / 20: the same fine eval interval in both arms
+    p = runner({"FULL_NUM_ITERATIONS": "520", "DYNAMIC_TIME_BUDGET_SEC": "133", "DYNAMIC_NUM_ITERATIONS": "900",
+                "EVAL_EVERY": "25", "WARMUP_STEPS": "0"}, tmp_path)
+    cmds = commands(p.stdout)
+    assert {"--num-iterations=900", "--eval-every=25"} <= set(cmds["dynamic_s42"])
+
+
 def test_dry_run_per_run_compile_caches(tmp_path):
     p = runner({"COMPILE_CACHE": "per_run", "WARMUP_STEPS": "0"}, tmp_path)
     assert p.returncode == 0, p.stderr
@@ -457,6 +475,8 @@ def test_dry_run_per_run_compile_caches(tmp_path):
     ({"FP8_RECIPE_COMPARE": "rowwise"}, "need USE_FP8_COMPARE=1"),
     ({"TIME_BUDGET_SEC": "0"}, "TIME_BUDGET_SEC=0"),
     ({"TIME_BUDGET_SEC": "soon"}, "TIME_BUDGET_SEC=soon"),
+    ({"DYNAMIC_TIME_BUDGET_SEC": "-3"}, "DYNAMIC_TIME_BUDGET_SEC=-3"),
+    ({"DYNAMIC_TIME_BUDGET_SEC": "60", "TIME_BUDGET_SEC": "60"}, "are exclusive"),
     ({"FULL_NUM_ITERATIONS": "-5"}, "FULL_NUM_ITERATIONS=-5"),
     ({"SEED": "1"}, "use SEEDS"),
     ({"USE_FP8": "1"}, "use USE_FP8_COMPARE"),
