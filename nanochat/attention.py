@@ -223,10 +223,9 @@ def attention_fa3(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int
 
 
 @functools.lru_cache(maxsize=1)
-def _cudnn_sdpa_op():
-    """``torch.ops.cudnn.sdpa_fwd`` (nvidia-cudnn-frontend >= 1.32 registers it on import)."""
-    importlib.import_module("cudnn.sdpa.fwd.torch_op")  # registers the op
-    return torch.ops.cudnn.sdpa_fwd
+def _register_cudnn_op() -> None:
+    """Import nvidia-cudnn-frontend (>= 1.32), which registers ``torch.ops.cudnn.sdpa_fwd``/``_bwd``."""
+    importlib.import_module("cudnn.sdpa.fwd.torch_op")
 
 
 def attention_cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int = -1) -> torch.Tensor:
@@ -241,13 +240,14 @@ def attention_cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: i
     if w == -1:
         return attention_sdpa(q, k, v, window)
     if not torch.compiler.is_compiling():
-        _cudnn_sdpa_op()  # import once, outside any trace (dynamo cannot trace an import)
+        _register_cudnn_op()  # import once, outside any trace (dynamo cannot trace an import)
     y, _lse = torch.ops.cudnn.sdpa_fwd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), D ** -0.5,
                                        is_causal=True, window_left=w)
-    return y.transpose(1, 2).contiguous()
+    return y.transpose(1, 2).contiguous()  # no copy: the op gives O the memory layout of Q
 
 
-_IMPLS = {"fa3": attention_fa3, "cudnn": attention_cudnn, "flex": attention_flex, "sdpa": attention_sdpa, "eager": attention_eager}
+_IMPLS = {"fa3": attention_fa3, "cudnn": attention_cudnn, "flex": attention_flex, "sdpa": attention_sdpa,
+          "eager": attention_eager}
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int = -1,
@@ -289,7 +289,7 @@ def cuda_capability() -> tuple[int, int] | None:
 @functools.lru_cache(maxsize=1)
 def _cudnn_frontend_problem() -> str | None:
     try:
-        _cudnn_sdpa_op()
+        _register_cudnn_op()
         return None
     except Exception as e:  # ImportError, or a frontend built against another cuDNN
         return f"{type(e).__name__}: {e}".splitlines()[0][:200]
@@ -353,7 +353,8 @@ def _unavailable_reason(backend: str, device_type: str, dtype: torch.dtype,
             return f"cudnn needs a CUDA device, got device_type={device_type!r}"
         if not cudnn_frontend_importable():
             return ("cudnn needs torch.ops.cudnn.sdpa_fwd from the nvidia-cudnn-frontend package "
-                    f"(pip install 'nvidia-cudnn-frontend>=1.32'), which is not importable: {_cudnn_frontend_problem()}")
+                    "(pip install --no-deps 'nvidia-cudnn-frontend>=1.32'), which is not importable: "
+                    f"{_cudnn_frontend_problem()}")
         cap = cuda_capability()
         if cap is None or cap < (8, 0):
             return f"cudnn fused attention needs compute capability >= 8.0, found {cap}"
@@ -431,6 +432,6 @@ def prepare_attention(backend: str, T: int, windows, device) -> None:
         if backend == "flex" and normalize_window(w, T) != -1:
             get_block_mask(T, w, device)
         elif backend == "cudnn":
-            _cudnn_sdpa_op()  # registers torch.ops.cudnn.sdpa_fwd before the model is traced
+            _register_cudnn_op()  # before the model is traced
         elif backend == "sdpa" and normalize_window(w, T) != -1:
             _cached_window_mask(T, normalize_window(w, T), device)
