@@ -286,13 +286,17 @@ def cuda_capability() -> tuple[int, int] | None:
     return torch.cuda.get_device_capability()
 
 
+def _one_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {e}".splitlines()[0][:200]
+
+
 @functools.lru_cache(maxsize=1)
 def _cudnn_frontend_problem() -> str | None:
     try:
         _register_cudnn_op()
         return None
     except Exception as e:  # ImportError, or a frontend built against another cuDNN
-        return f"{type(e).__name__}: {e}".splitlines()[0][:200]
+        return _one_line(e)
 
 
 def cudnn_frontend_importable() -> bool:
@@ -312,7 +316,7 @@ def _cudnn_window_probe(head_dim: int, dtype: torch.dtype) -> str | None:
         torch.cuda.synchronize()
         return None
     except Exception as e:  # cuDNN graph build / support-check errors come in several types
-        return f"{type(e).__name__}: {e}".splitlines()[0][:200]
+        return _one_line(e)
 
 
 def flex_importable() -> bool:

@@ -307,7 +307,7 @@ def load_model(model_tag: str | None, step: int, device: torch.device, use_ema: 
     device_type = torch.device(device).type
     model.compute_dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
     model.attn_backend, _ = select_attention_backend(device_type, config.window_pattern, model.compute_dtype,
-                                                     head_dim=config.n_embd // config.n_head)
+                                                     head_dim=config.head_dim)
     model.eval()
     meta = {**meta, "step": step, "model_dir": model_dir}
     return model, meta, weights

@@ -44,6 +44,10 @@ class GPTConfig:
     window_pattern: str = "L"
     softcap: float = 15.0
 
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
 
 def validate_window_pattern(pattern: str) -> str | None:
     """Return a problem description for an invalid `--window-pattern`, else None."""
@@ -85,7 +89,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head = config.n_head
         self.n_kv_head = config.n_kv_head
-        self.head_dim = config.n_embd // config.n_head
+        self.head_dim = config.head_dim
         self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
         self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
@@ -146,7 +150,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Rotary tables cover 10x the training context so that generation can run longer.
         self.rotary_seq_len = config.sequence_len * 10
-        head_dim = config.n_embd // config.n_head
+        head_dim = config.head_dim
         cos, sin = self._rotary_tables(self.rotary_seq_len, head_dim)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
@@ -188,7 +192,7 @@ class GPT(nn.Module):
             torch.nn.init.zeros_(block.mlp.c_proj.weight)
             block.resid_lambda.fill_(1.0)
             block.x0_lambda.fill_(0.1)
-        cos, sin = self._rotary_tables(self.rotary_seq_len, cfg.n_embd // cfg.n_head, device=self.cos.device)
+        cos, sin = self._rotary_tables(self.rotary_seq_len, cfg.head_dim, device=self.cos.device)
         self.cos.copy_(cos)
         self.sin.copy_(sin)
 
@@ -206,7 +210,7 @@ class GPT(nn.Module):
 
     def _attn_flops_per_layer(self) -> list[int]:
         cfg = self.config
-        head_dim = cfg.n_embd // cfg.n_head
+        head_dim = cfg.head_dim
         out = []
         for w in layer_windows(cfg):
             span = cfg.sequence_len if w < 0 else min(w, cfg.sequence_len)

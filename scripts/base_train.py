@@ -388,7 +388,7 @@ def main():
     model.lm_ce_chunk_size = args.lm_ce_chunk_size
     model.lm_ce_kernel = ce_kernel
     attn_backend, attn_reason = select_attention_backend(device_type, args.window_pattern, compute_dtype,
-                                                         head_dim=model_config.n_embd // model_config.n_head)
+                                                         head_dim=model_config.head_dim)
     model.attn_backend = attn_backend
     print0(f"model: {json.dumps(asdict(model_config))}")
     print0(f"attention backend: {attn_backend} ({attn_reason})")

@@ -17,7 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNER = os.path.join(ROOT, "runs", "dynamic_suffix_compare.sh")
 # Variables that the caller's shell could leak into the runner and change what it does.
 LEAKY = re.compile(r"^(DYN_|SEED|SEEDS|MODEL_TAG|METRICS_FILE|LOG_FILE|USE_FP8|FP8_|BLOCK_UPDATE_SCHEDULE|"
-                   r"NUM_ITERATIONS|FULL_NUM_ITERATIONS|DYNAMIC_NUM_ITERATIONS|TIME_BUDGET_SEC|DYNAMIC_TIME_BUDGET_SEC|EVAL_|"
+                   r"NUM_ITERATIONS|FULL_NUM_ITERATIONS|DYNAMIC_NUM_ITERATIONS|TIME_BUDGET_SEC|"
+                   r"DYNAMIC_TIME_BUDGET_SEC|EVAL_|"
                    r"BASE_TRAIN_EXTRA_ARGS|RESULTS_DIR|WARMUP_STEPS|KEEP_CHECKPOINTS|DRY_RUN|SKIP_SETUP|"
                    r"PREPARE_DATA|DEPTH|NPROC_PER_NODE)")
 
