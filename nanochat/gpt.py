@@ -217,16 +217,18 @@ class GPT(nn.Module):
             out.append(12 * cfg.n_head * head_dim * span)  # QK^T and AV, fwd+bwd (6 * 2 matmuls)
         return out
 
-    def estimate_flops(self, active_start: int = 0) -> int:
+    def estimate_flops(self, active_start: int = 0, skip: tuple[int, ...] = ()) -> int:
         """Training FLOPs per token, counted as nanochat does: 6 per matmul parameter (embedding
         and scalars excluded) plus attention. With `active_start` = a, the frozen prefix does
         forward work only (2 per parameter, 1/3 of its attention), which is the honest count of
-        useful work for MFU on suffix steps."""
+        useful work for MFU on suffix steps; blocks in `skip` do no work at all."""
         counts = self.num_scaling_params()
         attn = self._attn_flops_per_layer()
         per_block = [sum(p.numel() for p in b.parameters() if p.dim() == 2) for b in self.transformer.h]
         flops = 6 * counts["lm_head"]
         for i, (nb, fa) in enumerate(zip(per_block, attn)):
+            if i in skip:
+                continue
             if i < active_start:
                 flops += 2 * nb + fa // 3
             else:
@@ -321,10 +323,14 @@ class GPT(nn.Module):
                             backend=self.lm_ce_backend, chunk_size=self.lm_ce_chunk_size,
                             reduction=loss_reduction)
 
-    def forward(self, idx, targets=None, active_start: int = 0, loss_reduction: str = "mean", kv_cache=None):
+    def forward(self, idx, targets=None, active_start: int = 0, loss_reduction: str = "mean", kv_cache=None,
+                skip: tuple[int, ...] = ()):
         """idx, targets: (B, T) int64. Returns the loss if targets are given, else fp32 logits.
 
         Blocks [0, active_start) run without autograd; the boundary activation is detached.
+        Blocks in `skip` are left out of this call entirely (the residual stream passes them
+        unchanged), which is how layer-dropping schedules train a shallower network on a step;
+        since each block is its own compiled region, leaving some out compiles nothing new.
         With `kv_cache` (a `nanochat.engine.KVCache`), `idx` continues the cached sequence: rotary
         positions start at `kv_cache.pos`, every layer appends its k/v to the cache and attends
         over all of it (windows on absolute positions), and the blocks run eager (their compiled
@@ -346,8 +352,8 @@ class GPT(nn.Module):
         x = x0.clone()
         blocks = self.transformer.h
         if kv_cache is not None:
-            if targets is not None or active_start != 0:
-                raise ValueError("kv_cache is for inference: no targets, active_start=0")
+            if targets is not None or active_start != 0 or skip:
+                raise ValueError("kv_cache is for inference: no targets, active_start=0, no skipped blocks")
             for i, block in enumerate(blocks):
                 x = block.forward(x, x0, cos, sin, self.attn_backend, kv_cache=kv_cache.layer(i))
             kv_cache.advance(T)
@@ -358,10 +364,14 @@ class GPT(nn.Module):
             # (no grad mode, nothing requiring grad) and reuse its compiled graph.
             x, x0_frozen = x.detach(), x0.detach()
             with torch.no_grad():
-                for block in blocks[:active_start]:
-                    x = self._run_region(lambda: block(x, x0_frozen, cos, sin, self.attn_backend))
-        for block in blocks[active_start:]:
-            x = self._run_region(lambda: block(x, x0, cos, sin, self.attn_backend))
+                for i in range(active_start):
+                    if i not in skip:
+                        block = blocks[i]
+                        x = self._run_region(lambda: block(x, x0_frozen, cos, sin, self.attn_backend))
+        for i in range(active_start, n):
+            if i not in skip:
+                block = blocks[i]
+                x = self._run_region(lambda: block(x, x0, cos, sin, self.attn_backend))
         if targets is None:
             logits = self.lm_head(norm(x)).float()
             return self.config.softcap * torch.tanh(logits / self.config.softcap)
