@@ -7,6 +7,9 @@
 #
 # Every environment variable below maps to one base_train flag (docs/feature_flags.md lists them);
 # BASE_TRAIN_EXTRA_ARGS is appended last, so its flags win. Unset variables keep the defaults.
+# After training: a report (val bpb, samples, the checkpoint, the commands to use it next), unless
+# REPORT=0; REPORT_SAMPLES=N samples (default 3, 0 = none). Its numbers come from the run's metrics
+# file: METRICS_FILE, else <base_dir>/base_checkpoints/<model tag>/metrics.jsonl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,10 +24,16 @@ DRY_RUN=${DRY_RUN:-0}
 NUM_SHARDS=${NUM_SHARDS:-8}
 DATASET=${DATASET:-climbmix}
 LOG_FILE=${LOG_FILE:-}
+REPORT=${REPORT:-1}
+REPORT_SAMPLES=${REPORT_SAMPLES:-3}
 is_bool "$SKIP_SETUP" || die "SKIP_SETUP=$SKIP_SETUP must be 0 or 1"
 is_bool "$DRY_RUN" || die "DRY_RUN=$DRY_RUN must be 0 or 1"
 [[ "$PREPARE_DATA" =~ ^(auto|0|1)$ ]] || die "PREPARE_DATA=$PREPARE_DATA must be auto, 0 or 1"
 is_int "$NUM_SHARDS" || die "NUM_SHARDS=$NUM_SHARDS must be an integer"
+is_bool "$REPORT" || die "REPORT=$REPORT must be 0 or 1"
+is_int "$REPORT_SAMPLES" && (( REPORT_SAMPLES >= 0 )) || die "REPORT_SAMPLES=$REPORT_SAMPLES must be an integer >= 0"
+# The rule of nanochat.common.get_base_dir, here so that DRY_RUN needs no Python packages.
+BASE_DIR=${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}
 
 has_gpu=0
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then has_gpu=1; fi
@@ -125,6 +134,27 @@ int_opt LM_CE_CHUNK_SIZE --lm-ce-chunk-size
 choice_opt LM_CE_KERNEL --lm-ce-kernel "auto triton inductor"
 
 read -r -a EXTRA <<< "${BASE_TRAIN_EXTRA_ARGS:-}"
+
+# last_flag --name DEFAULT: the value base_train will see for --name (the last one given wins).
+last_flag() {
+  local name=$1 val=$2 prev="" a
+  for a in "${ARGS[@]}" "${EXTRA[@]}"; do
+    [[ "$prev" == "$name" ]] && val=$a
+    [[ "$a" == "$name="* ]] && val=${a#*=}
+    prev=$a
+  done
+  echo "$val"
+}
+# The run's checkpoint directory (base_train's rule: --model-tag, else d<depth>) also holds its
+# metrics file when none is given: the end report reads the final numbers from it.
+RUN_TAG=$(last_flag --model-tag "")
+RUN_TAG=${RUN_TAG:-d$(last_flag --depth "")}
+RUN_DIR="$BASE_DIR/base_checkpoints/$RUN_TAG"
+METRICS=$(last_flag --metrics-file "")
+if [[ -z "$METRICS" && "$REPORT" == 1 ]]; then
+  METRICS="$RUN_DIR/metrics.jsonl"
+  add --metrics-file "$METRICS"
+fi
 if [[ "$NPROC_PER_NODE" == 1 ]]; then
   LAUNCH=("$PY" -m scripts.base_train)
 else
@@ -139,7 +169,6 @@ echo "speedrun_small.sh: command: ${CMD[*]}"
 if [[ "$DRY_RUN" == 1 ]]; then exit 0; fi
 
 # ---------------------------------------------------------------------------- data + tokenizer
-BASE_DIR=$("$PY" -c "from nanochat.common import get_base_dir; print(get_base_dir())")
 if [[ "$PREPARE_DATA" == 1 || ( "$PREPARE_DATA" == auto && -z "$(ls "$BASE_DIR"/base_data/*.parquet 2>/dev/null)" ) ]]; then
   echo "speedrun_small.sh: downloading $NUM_SHARDS $DATASET shards (falls back to the embedded sample when offline)"
   "$PY" -m nanochat.dataset -n "$NUM_SHARDS" --dataset "$DATASET" \
@@ -156,9 +185,25 @@ else
 fi
 
 # ---------------------------------------------------------------------------- train
+[[ -z "$METRICS" ]] || mkdir -p "$(dirname "$METRICS")"
 if [[ -n "$LOG_FILE" ]]; then
   mkdir -p "$(dirname "$LOG_FILE")"
   "${CMD[@]}" 2>&1 | tee "$LOG_FILE"
 else
   "${CMD[@]}"
+fi
+
+# ---------------------------------------------------------------------------- report
+if [[ "$REPORT" == 1 ]]; then
+  # The suggested base_eval: on CPU, bpb on as many tokens as training evaluated (its defaults are
+  # sized for a GPU).
+  EVAL_SUGGEST=""
+  [[ "$has_gpu" == 1 ]] || EVAL_SUGGEST="--device-type=cpu --evals=bpb,sample --eval-tokens=$EVAL_TOKENS --device-batch-size=$DEVICE_BATCH_SIZE"
+  REPORT_CMD=("$PY" -m nanochat.run_report "--metrics-file=$METRICS" "--checkpoint-dir=$RUN_DIR" "--model-tag=$RUN_TAG"
+              "--samples=$REPORT_SAMPLES" "--eval-args=$EVAL_SUGGEST")
+  if [[ -n "$LOG_FILE" ]]; then
+    "${REPORT_CMD[@]}" 2>&1 | tee -a "$LOG_FILE" || echo "speedrun_small.sh: WARNING: the report failed (training succeeded)" >&2
+  else
+    "${REPORT_CMD[@]}" || echo "speedrun_small.sh: WARNING: the report failed (training succeeded)" >&2
+  fi
 fi
