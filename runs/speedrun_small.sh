@@ -7,11 +7,16 @@
 #
 # Every environment variable below maps to one base_train flag (docs/feature_flags.md lists them);
 # BASE_TRAIN_EXTRA_ARGS is appended last, so its flags win. Unset variables keep the defaults.
+# A mistyped variable (NUM_ITERS=5) is an error, with the name it probably meant.
 # After training: a report (val bpb, samples, the checkpoint, the commands to use it next), unless
 # REPORT=0; REPORT_SAMPLES=N samples (default 3, 0 = none). Its numbers come from the run's metrics
 # file: METRICS_FILE, else <base_dir>/base_checkpoints/<model tag>/metrics.jsonl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# Before anything runs (stdlib only, so before setup too). The compare script runs this one with its
+# own variables still in the environment: those are accepted.
+"${PYTHON:-python3}" -m nanochat.runner_env runs/speedrun_small.sh --also runs/dynamic_suffix_compare.sh
 
 die() { echo "speedrun_small.sh: error: $*" >&2; exit 2; }
 is_int() { [[ "$1" =~ ^-?[0-9]+$ ]]; }

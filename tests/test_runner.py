@@ -1,13 +1,15 @@
-"""runs/speedrun_small.sh in everyday use: the default metrics file and the end-of-run report
-(nanochat.run_report)."""
+"""runs/speedrun_small.sh in everyday use: mistyped variables, the default metrics file and the
+end-of-run report (nanochat.runner_env, nanochat.run_report)."""
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
 from nanochat import run_report
+from nanochat.runner_env import DEFAULT_PREFIXES, message, runner_names, unknown_variables
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNER = os.path.join(ROOT, "runs", "speedrun_small.sh")
@@ -21,7 +23,7 @@ def read(path):
 def dry_run(env, base=None):
     """The runner in DRY_RUN with `env` on top of an environment cleared of the runner's variables."""
     clean = {k: v for k, v in os.environ.items()
-             if not k.startswith(("DYN_", "FP8_", "LM_CE_", "MUON_", "NUM_", "EVAL_", "DEVICE_", "DEPTH", "RUN_NAME", "MODEL_TAG", "METRICS_FILE", "REPORT", "BASE_TRAIN"))}
+             if not k.startswith(DEFAULT_PREFIXES + ("WANDB_", "RUN_NAME", "MODEL_TAG", "METRICS_FILE", "REPORT"))}
     clean.update({"DRY_RUN": "1", "SKIP_SETUP": "1", "PYTHON": sys.executable, **env})
     if base is not None:
         clean["NANOCHAT_BASE_DIR"] = str(base)
@@ -32,6 +34,65 @@ def command(out):
     line = out.stdout.strip().splitlines()[-1]
     assert line.startswith("speedrun_small.sh: command: "), out.stdout
     return line.split("scripts.base_train", 1)[1].split()
+
+
+# -----------------------------------------------------------------------------
+# Mistyped variables
+
+
+def test_typo_is_one_line_with_did_you_mean_and_nothing_runs():
+    out = dry_run({"NUM_ITERS": "5"})
+    assert out.returncode == 2
+    assert out.stderr.strip() == "speedrun_small.sh: error: unknown variable NUM_ITERS; did you mean NUM_ITERATIONS?"
+    assert "command:" not in out.stdout
+
+
+def test_all_typos_in_one_line():
+    out = dry_run({"DYN_WARMUP": "5", "FP8_BACKND": "torchao", "LM_CE_CHUNK": "4", "MUON_STACK": "1"})
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    for typo, meant in [("DYN_WARMUP", "DYN_WARMUP_STEPS"), ("FP8_BACKND", "FP8_BACKEND"),
+                        ("LM_CE_CHUNK", "LM_CE_CHUNK_SIZE")]:
+        assert f"{typo} (did you mean {meant}?)" in lines[0]
+    assert "MUON_STACK" in lines[0]
+
+
+@pytest.mark.parametrize("env", [
+    {"MAX_JOBS": "4", "WANDB_API_KEY": "x", "WANDB_RUN_ID": "abc", "TIME_STYLE": "iso", "OMP_NUM_THREADS": "2"},
+    # The compare script runs this runner with its own variables still set.
+    {"FP8_BACKEND_COMPARE": "torchao", "USE_FP8_COMPARE": "1", "DYNAMIC_TIME_BUDGET_SEC": "9"},
+    {"TOK_VOCAB_SIZE": "512", "NUM_SHARDS": "2", "EVAL_TOKENS": "4096", "REPORT_SAMPLES": "0", "DEVICE_BATCH_SIZE": "4"},
+])
+def test_known_and_unrelated_variables_pass(env):
+    out = dry_run(env)
+    assert out.returncode == 0, out.stderr
+
+
+def test_every_documented_variable_is_known():
+    """The mapping lines (what docs/feature_flags.md's table is generated from) and the runner
+    controls listed there are all known names."""
+    known = runner_names(read("runs/speedrun_small.sh"))
+    doc = read("docs/feature_flags.md")
+    table = re.findall(r"^\| `([A-Z][A-Z0-9_]*)` \| `--", doc, re.M)
+    controls = re.findall(r"`([A-Z][A-Z0-9_]*)(?:=[^`]*)?`", doc.split("Runner controls:", 1)[1])
+    assert len(table) >= 20 and {"SKIP_SETUP", "NUM_SHARDS", "BASE_TRAIN_EXTRA_ARGS"} <= set(controls)
+    assert set(table) | set(controls) <= known
+    try:  # the docs generator's parser, wherever it lives now
+        from nanochat.config import runner_env_mapping
+    except ImportError:
+        from nanochat.cli import runner_env_mapping
+    assert {env for env, _ in runner_env_mapping(read("runs/speedrun_small.sh"))} <= known
+
+
+def test_unknown_variables_unit():
+    known = {"NUM_ITERATIONS", "EVAL_EVERY"}
+    env = {"NUM_ITERS": "1", "EVAL_EVERY": "2", "PATH": "/bin", "EVAL_ZZZZZZZZZZ": "1", "DYN_X": "1"}
+    got = unknown_variables(env, known, accepted={"DYN_X"})
+    assert got == [("EVAL_ZZZZZZZZZZ", None), ("NUM_ITERS", "NUM_ITERATIONS")]
+    assert message("r.sh", got[1:]) == "r.sh: error: unknown variable NUM_ITERS; did you mean NUM_ITERATIONS?"
+    assert runner_names('opt A_B --a-b\n  flag C --c\nX=${D_E:-1}\n: "${F:=2}"\necho ${G} ${H[@]}') == {
+        "A_B", "C", "D_E", "F"}
 
 
 # -----------------------------------------------------------------------------
