@@ -8,6 +8,8 @@
 # Every environment variable below maps to one base_train flag (docs/feature_flags.md lists them);
 # BASE_TRAIN_EXTRA_ARGS is appended last, so its flags win. Unset variables keep the defaults.
 # A mistyped variable (NUM_ITERS=5) is an error, with the name it probably meant.
+# WANDB_RUN is nanochat's name for RUN_NAME (the wandb run; unset or "dummy" = no wandb), and
+# WANDB_PROJECT picks the wandb project.
 # After training: a report (val bpb, samples, the checkpoint, the commands to use it next), unless
 # REPORT=0; REPORT_SAMPLES=N samples (default 3, 0 = none). Its numbers come from the run's metrics
 # file: METRICS_FILE, else <base_dir>/base_checkpoints/<model tag>/metrics.jsonl.
@@ -37,6 +39,12 @@ is_bool "$DRY_RUN" || die "DRY_RUN=$DRY_RUN must be 0 or 1"
 is_int "$NUM_SHARDS" || die "NUM_SHARDS=$NUM_SHARDS must be an integer"
 is_bool "$REPORT" || die "REPORT=$REPORT must be 0 or 1"
 is_int "$REPORT_SAMPLES" && (( REPORT_SAMPLES >= 0 )) || die "REPORT_SAMPLES=$REPORT_SAMPLES must be an integer >= 0"
+if [[ -n "${WANDB_RUN:-}" ]]; then
+  [[ -z "${RUN_NAME:-}" || "$RUN_NAME" == "$WANDB_RUN" ]] \
+    || die "WANDB_RUN=$WANDB_RUN and RUN_NAME=$RUN_NAME name the same run (--run) differently; set one of them"
+  RUN_NAME=$WANDB_RUN
+fi
+[[ -z "${WANDB_PROJECT:-}" ]] || export WANDB_PROJECT  # read by nanochat.common.init_wandb
 # The rule of nanochat.common.get_base_dir, here so that DRY_RUN needs no Python packages.
 BASE_DIR=${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}
 

@@ -1,5 +1,5 @@
-"""runs/speedrun_small.sh in everyday use: mistyped variables, the default metrics file and the
-end-of-run report (nanochat.runner_env, nanochat.run_report)."""
+"""runs/speedrun_small.sh in everyday use: mistyped variables, the wandb aliases, the default
+metrics file and the end-of-run report (nanochat.runner_env, nanochat.run_report)."""
 import json
 import os
 import re
@@ -96,7 +96,19 @@ def test_unknown_variables_unit():
 
 
 # -----------------------------------------------------------------------------
-# The default metrics file
+# wandb aliases, the default metrics file
+
+
+def test_wandb_run_maps_to_run():
+    assert "--run=abc" in command(dry_run({"WANDB_RUN": "abc"}))
+    assert "--run=abc" in command(dry_run({"WANDB_RUN": "abc", "RUN_NAME": "abc"}))
+    assert "--run=xyz" in command(dry_run({"RUN_NAME": "xyz"}))
+
+
+def test_wandb_run_and_run_name_conflict():
+    out = dry_run({"WANDB_RUN": "a", "RUN_NAME": "b"})
+    assert out.returncode == 2 and "WANDB_RUN=a" in out.stderr and "RUN_NAME=b" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
 
 
 def test_default_metrics_file_is_in_the_run_dir(tmp_path):
