@@ -159,24 +159,72 @@ def run_provenance() -> dict:
     return info
 
 
+DEFAULT_WANDB_PROJECT = "nanochat"
+
+
 class DummyWandb:
-    """Stands in for a wandb run when logging is off or unavailable."""
+    """Stands in for a wandb run when logging is off or unavailable (no id: nothing to resume)."""
 
-    def log(self, *args, **kwargs):
+    id = None
+
+    def log(self, data: dict, step: int | None = None) -> None:
         pass
 
-    def finish(self):
+    def finish(self) -> None:
         pass
 
 
-def init_wandb(run_name: str, config: dict, master: bool):
+class WandbRun:
+    """A live wandb run whose later failures (a dropped connection mid-run) warn once instead of
+    stopping training, as a failed init does. `id` is what a resumed run passes back to init_wandb."""
+
+    def __init__(self, run):
+        self._run = run
+        self.id = run.id
+        self._warned = False
+
+    def _warn(self, what: str, e: Exception) -> None:
+        if not self._warned:
+            self._warned = True
+            print0(f"WARNING: wandb {what} failed ({type(e).__name__}: {e}); training continues")
+
+    def log(self, data: dict, step: int | None = None) -> None:
+        """Every key of `data` as given (the caller decides what and how often)."""
+        try:
+            self._run.log(dict(data), **({} if step is None else {"step": step}))
+        except Exception as e:  # noqa: BLE001 (a logging failure must not stop training)
+            self._warn("log", e)
+
+    def finish(self) -> None:
+        try:
+            self._run.finish()
+        except Exception as e:  # noqa: BLE001
+            self._warn("finish", e)
+
+
+def init_wandb(run_name: str, config: dict, master: bool, run_id: str | None = None) -> WandbRun | DummyWandb:
     """wandb only when asked for (`--run` not 'dummy'), imported lazily; a missing package or login
-    prints one warning and training continues."""
+    prints one warning and training continues.
+
+    The project is $WANDB_PROJECT, else "nanochat". `run_id`: the `.id` of an earlier run, stored in
+    its checkpoints, so that a resumed training continues the same wandb run (resume="allow": a run
+    with that id that does not exist, e.g. in another project, is created). The config is set after
+    init with allow_val_change, because a resumed run's args differ (the resume flags at least) and
+    wandb refuses a changed config value otherwise."""
     if run_name == "dummy" or not master:
         return DummyWandb()
     try:
         import wandb  # noqa: PLC0415 (lazy on purpose: 20 MB, often absent on GPU boxes)
-        return wandb.init(project="nanochat", name=run_name, config=config)
+    except ImportError:
+        print0("WARNING: wandb is not installed (pip install wandb); continuing without it")
+        return DummyWandb()
+    try:
+        project = os.environ.get("WANDB_PROJECT") or DEFAULT_WANDB_PROJECT
+        run = wandb.init(project=project, name=run_name, id=run_id, resume="allow")
+        if run is None:
+            raise RuntimeError("wandb.init returned no run")
+        run.config.update(config, allow_val_change=True)
+        return WandbRun(run)
     except Exception as e:  # noqa: BLE001 (any wandb failure must not stop training)
         print0(f"WARNING: wandb unavailable ({type(e).__name__}: {e}); continuing without it")
         return DummyWandb()
