@@ -194,8 +194,8 @@ def _flex_fn(device_type: str):
 def attention_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int = -1) -> torch.Tensor:
     """FlexAttention with a cached sliding-window BlockMask (masked tiles skipped) for sliding
     layers; full-causal layers go to SDPA's is_causal kernels, which skip the masked half just as
-    well and are faster than flex's generated kernels (measured on an H100, seq 2048: SSSL with
-    flex on every layer ran at 0.62x the tok/s of L on SDPA)."""
+    well and are faster than flex's generated kernels (on an H100 at seq 2048, SSSL with flex on
+    every layer runs at 0.62x the tok/s of L on SDPA)."""
     _check_shapes(q, k, v)
     T, H, Hkv = q.shape[1], q.shape[2], k.shape[2]
     if normalize_window(window, T) == -1:
@@ -391,7 +391,7 @@ def select_attention_backend(device_type: str, window_pattern: str, dtype,
 
     auto on CUDA: fa3 (Hopper + bf16 + importable) > sdpa when every layer is 'L' (is_causal flash
     / cuDNN kernels) > cudnn when any layer slides and nvidia-cudnn-frontend is importable (cuDNN's
-    native window; measured faster than flex, docs/optimizations/throughput.md section 13) > flex
+    native window; faster than flex, docs/optimizations/throughput.md "Sliding windows") > flex
     (skips masked tiles; its 'L' layers run SDPA is_causal) > masked sdpa (slow, warned).
     auto elsewhere: sdpa (is_causal for 'L', boolean mask for 'S'; flex has no CPU backward).
     """

@@ -266,7 +266,7 @@ def build_train_loader(tokenizer, batch_size: int, seq_len: int, split: str = "t
     up to `queue_batches` micro-batches ready; this process only copies them to the device. Use it
     when a GPU is being fed: done in a thread of the training process, the Python half of that
     work (list building, packing) competes for the GIL with the thread that launches the kernels,
-    and on an H100 at the d12 anchor config that made every ~20th step 100-300 ms instead of 72 ms
+    and on an H100 at the d12 anchor config that makes every ~20th step 100-300 ms instead of 72 ms
     (11 % of the throughput). The batches and states are exactly those of the in-process loader.
 
     The split is read as D = world_size * grad_accum_steps streams, stream j being what
@@ -388,7 +388,7 @@ def _process_loader(loader_kwargs: dict, device, queue_batches: int):
         """Move batches from the process queue to `ready`, in a thread of this process. Reading one
         (~0.5 MB, pickled) takes several pipe-sized chunks, each written by the loader process's
         feeder thread when it gets that process's GIL; while the loader packs a row group in Python
-        that can take tens of ms (measured on CPU: median 1.3 ms, max 49 ms per read). Done here,
+        that can take tens of ms (on 2 CPU cores: median 1.3 ms, worst 49 ms per read). Done here,
         that wait never holds up the thread that launches the GPU's kernels. A message (str) ends it."""
         while not stop.is_set():
             try:

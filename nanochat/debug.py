@@ -1,4 +1,4 @@
-"""Run-time guards and debugging aids for the training loop (issue 10).
+"""Run-time guards and debugging aids for the training loop.
 
 Everything here is a small object or function with no GPU-only assumption, so it is unit-tested on
 CPU (`tests/test_debug.py`); `scripts/base_train.py` only wires it.

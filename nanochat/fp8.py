@@ -7,9 +7,9 @@ Backends (`--fp8-backend`):
 
 Both use `fp8_filter` to decide which layers convert, and both return an `Fp8Report`.
 
-How the custom backend interacts with `torch.compile` (the seed system got this wrong: its
-`allow_in_graph` autograd.Function guarded the kernel with a real-tensor check, so under compile
-the kernel never ran and the layer silently computed something else):
+How the custom backend interacts with `torch.compile` (the hazard: an `allow_in_graph`
+autograd.Function that guards its kernel with a real-tensor check never runs the kernel under
+compile, and the layer silently computes something else):
 - default path: `_Fp8LinearFn` (an autograd.Function) is traced by dynamo like any other
   autograd.Function, so the scaling math (amax, scale, saturating cast) is visible to inductor
   and fuses. The three FP8 GEMMs are the registered custom op `nanochat_fp8::scaled_mm`
@@ -184,8 +184,9 @@ def _scaled_mm_kernel(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, s
 
 # The op is defined with the low-level `torch.library.Library` API rather than the
 # `torch.library.custom_op` decorator: both give compile an opaque graph node, but the decorator's
-# wrapper layers cost several times the host time per call (measured on CPU, noisy: ~28 us vs 7-13 us
-# over a plain `torch._scaled_mm` call), and a d12 step makes 219 of these calls while the GPU waits.
+# wrapper layers cost several times the host time per call (on CPU ~28 us against 7-13 us over a
+# plain `torch._scaled_mm` call), and a d12 step with every linear in FP8 makes 219 of these calls
+# while the GPU waits.
 _LIB = torch.library.Library("nanochat_fp8", "DEF")
 _LIB.define("scaled_mm(Tensor a, Tensor b, Tensor scale_a, Tensor scale_b, ScalarType out_dtype, "
             "bool use_fast_accum) -> Tensor")

@@ -136,8 +136,8 @@ def _chunk_row_loss(logits, valid, safe):
 
     Under torch.compile the target logit is picked with a masked row sum instead of gather: both
     are reductions over the chunk that inductor computes in one kernel right after the chunk's
-    matmul. With gather (and scatter_add in _grad_logits), inductor inlined the pick into the
-    final torch.cat of the losses and kept every chunk's logits buffers alive until the end: 12 GiB
+    matmul. With gather (and scatter_add in _grad_logits), inductor inlines the pick into the
+    final torch.cat of the losses and keeps every chunk's logits buffers alive until the end: 12 GiB
     above the inputs at d12 (batch 32, chunk 4096) on an H100, 2.8 GiB with this form. Same value
     exactly: the sum has one nonzero term. tests/test_lm_head.py compiles this path.
     """

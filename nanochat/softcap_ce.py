@@ -20,19 +20,19 @@ is lost: the logits arrive from a GEMM and their gradient leaves into two GEMMs.
 Registered as an opaque ``torch.library.custom_op`` (with fake implementations for tracing and an
 autograd formula): torch.compile calls it between the GEMMs without a graph break, and the kernels
 are built by Triton's own JIT at the first call. (As a ``triton_op``, which inductor re-generates
-and builds in its worker processes, the compile failed on the H100; there is nothing to fuse it
-with anyway.)
+and builds in its worker processes, the compile fails on the H100 with torch 2.11; there is nothing
+to fuse it with anyway.)
 
 Memory: the backward allocates the (N, V) gradient while the saved logits are still alive, one
 (N, V) bf16 tensor more at the peak than inductor's loss (+1.96 GiB at the d12 anchor). Writing
-the gradient over the logits instead removed that but also the speed-up (measured; see
-docs/optimizations/throughput.md 9a), so it is not done.
+the gradient over the logits instead removes that but also the speed-up (dev/LOG.md), so it is
+not done.
 
 Rows whose target is -1 (the repo's ignore index) get loss 0 and gradient 0.
 
-Building the two kernels (Triton's JIT, in the process that first launches them) took 1.0-1.2 s of
-the first training step on an H100; `prebuild_in_background` moves that into a child process that
-runs while the trainer loads its data.
+Building the two kernels (Triton's JIT, in the process that first launches them) takes 1.0-1.2 s
+on an H100; `prebuild_in_background` moves that out of the first training step into a child
+process that runs while the trainer loads its data.
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ KERNELS = ("auto", "triton", "inductor")
 # Triton ships with CUDA builds of torch, not with CPU-only ones. It is imported only when a kernel
 # first runs, so that CPU runs never load it.
 _HAVE_TRITON = importlib.util.find_spec("triton") is not None
-# One launch configuration, chosen on the H100 at V = 32768 (docs/optimizations/throughput.md).
+# One launch configuration: the fastest of six tried on an H100 at V = 32768.
 _BLOCK, _WARPS = 4096, 8
 
 
@@ -152,7 +152,7 @@ def softcap_ce_rows(z: torch.Tensor, targets: torch.Tensor, cap: float, fast: bo
 def prebuild_in_background(device: torch.device) -> subprocess.Popen | None:
     """Start a child process that builds both kernels into Triton's on-disk cache, so that the first
     training step finds them there instead of building them itself (1.0-1.2 s of the first step on
-    an H100; docs/optimizations/throughput.md section 12). The child launches them once on tiny
+    an H100). The child launches them once on tiny
     tensors with the training call's dtypes, launch configuration and 16-divisible sizes (what
     Triton specialises a build on), so its cache entry is the one the trainer looks up. It holds a
     CUDA context (a few hundred MiB) for a few seconds while the trainer loads; if it fails, the

@@ -1,4 +1,4 @@
-# Source this on a GPU machine without network (see README "Offline GPU machines"):
+# Source this on a GPU machine without network (see docs/recipes.md, "Offline GPU machines"):
 #   source runs/offline_env.sh
 # Installs the wheels of .offline/whl into .offline/site (once) and points NANOCHAT_BASE_DIR at a
 # base dir whose base_data is the corpus copy in .offline/corpus. Both folders are git-ignored and

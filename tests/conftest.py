@@ -30,10 +30,10 @@ def base_dir(tmp_path, monkeypatch):
     return d
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def tiny_tokenizer(tmp_path_factory):
-    """A 512-token BPE trained once per session on the embedded sample; copy it with
-    tests.helpers.base_with_tokenizer."""
+    """A 512-token BPE trained once per test run on the embedded sample (package scope: every test
+    lives in tests/, so that is once for all of them); copy it with tests.helpers.base_with_tokenizer."""
     from tests.helpers import run
     base = tmp_path_factory.mktemp("tokenizer_base")
     run(["-m", "scripts.tok_train", "--vocab-size=512", "--max-chars=2000000"], base)

@@ -1,6 +1,6 @@
 """Scaffolding shared by the tests that drive the real entry points (`python -m scripts.*`) in
 subprocesses: the repo root, one tiny CPU training config, a runner, and base dirs that hold a
-tiny tokenizer trained once per test session (see the `tiny_tokenizer` fixture in conftest.py)."""
+tiny tokenizer trained once per test run (see the `tiny_tokenizer` fixture in conftest.py)."""
 import os
 import shutil
 import subprocess
@@ -26,7 +26,7 @@ def run(args, base, check=True, env=None, timeout=300):
 
 
 def base_with_tokenizer(tmp_path_factory, name, tokenizer_dir):
-    """A fresh base dir holding a copy of the session's tiny tokenizer (and nothing else)."""
+    """A fresh base dir holding a copy of the shared tiny tokenizer (and nothing else)."""
     base = tmp_path_factory.mktemp(name)
     shutil.copytree(tokenizer_dir, os.path.join(base, "tokenizer"))
     return base

@@ -59,7 +59,7 @@ def assert_close(a: dict, b: dict, rel=REL):
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, tiny_tokenizer):
-    """A base dir with the session's tiny tokenizer (training reads the embedded sample)."""
+    """A base dir with the shared tiny tokenizer (training reads the embedded sample)."""
     return base_with_tokenizer(tmp_path_factory, "ddp_base", tiny_tokenizer)
 
 

@@ -327,7 +327,7 @@ def _grads(model, x):
 
 @pytest.mark.parametrize("traced", [False, True], ids=["custom_op", "no_allow_in_graph"])
 def test_compiled_training_step_runs_fp8_kernel(traced):
-    """The seed's bug: under compile its FP8 kernel never ran. Here the default path must call
+    """The hazard: under compile an FP8 kernel that never runs. Here the default path must call
     the registered custom op at run time (counter + generated code), the traced path must put
     aten._scaled_mm itself into the compiled graphs, and both must match eager."""
     from torch._inductor.utils import run_and_get_code

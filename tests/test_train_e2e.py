@@ -11,7 +11,7 @@ from tests.helpers import TINY, base_with_tokenizer, run
 
 @pytest.fixture(scope="module")
 def trained_base(tmp_path_factory, tiny_tokenizer):
-    """A base dir holding the session's tiny tokenizer (training reads the embedded sample)."""
+    """A base dir holding the shared tiny tokenizer (training reads the embedded sample)."""
     return base_with_tokenizer(tmp_path_factory, "e2e_base", tiny_tokenizer)
 
 
