@@ -33,7 +33,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Iterator
 
 import pyarrow as pa
@@ -167,6 +167,8 @@ def split_files(split: str, data_dir: str | None = None) -> list[str]:
 
 
 _BANNER_SHOWN = False
+# Set by a runner once one of its steps has shown the banner: the later steps say it in one line.
+SAMPLE_BANNER_ENV = "NANOCHAT_SAMPLE_BANNER_SHOWN"
 
 
 def resolve_data_dir() -> str:
@@ -181,6 +183,9 @@ def resolve_data_dir() -> str:
         return d
     if not _BANNER_SHOWN:
         _BANNER_SHOWN = True
+        if os.environ.get(SAMPLE_BANNER_ENV) == "1":
+            print0(f"data: USING THE EMBEDDED SAMPLE ({d} has no shards; see the banner above)")
+            return SAMPLE_DIR
         bar = "!" * 78
         print0("\n".join([
             bar,
@@ -344,8 +349,25 @@ def download(num_train_shards: int, dataset: str = DEFAULT_DATASET, workers: int
     print0(f"Downloading {len(indices)} shards of {dataset} ({n} train + val {shard_name(val_index)}) "
            f"to {d} with {workers} workers")
     t0 = time.time()
+
+    def fetch(i: int) -> tuple[str, bool]:
+        present = os.path.exists(os.path.join(d, shard_name(i)))
+        return download_shard(i, d, url, max_attempts, timeout), present
+
+    paths: list[str] = [""] * len(indices)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as ex:
-        paths = list(ex.map(lambda i: download_shard(i, d, url, max_attempts, timeout), indices))
+        futures = {ex.submit(fetch, i): k for k, i in enumerate(indices)}
+        try:
+            # A line per shard as it lands: a shard is ~100 MB, so a download is otherwise silent
+            # for minutes.
+            for n_done, fut in enumerate(as_completed(futures), 1):
+                path, present = fut.result()
+                paths[futures[fut]] = path
+                what = "already present" if present else f"{os.path.getsize(path) / 1e6:.0f} MB"
+                print0(f"[{n_done}/{len(indices)}] {os.path.basename(path)}: {what} ({time.time() - t0:.0f}s)")
+        except BaseException:
+            ex.shutdown(wait=True, cancel_futures=True)  # one failure (or Ctrl-C) ends the download
+            raise
     print0(f"Done: {len(paths)} shards in {time.time() - t0:.1f}s")
     return paths
 

@@ -182,22 +182,43 @@ echo "speedrun_small.sh: command: ${CMD[*]}"
 if [[ "$DRY_RUN" == 1 ]]; then exit 0; fi
 
 # ---------------------------------------------------------------------------- data + tokenizer
+say() { echo "speedrun_small.sh: $*"; }
+# Both steps can be silent for minutes (a shard is ~100 MB; BPE on 2B characters): say when each
+# starts and ends, and that the tokenizer is still at work.
+HEARTBEAT=""
+stop_heartbeat() { [[ -z "$HEARTBEAT" ]] || kill "$HEARTBEAT" 2>/dev/null || true; HEARTBEAT=""; }
+trap stop_heartbeat EXIT
 if [[ "$PREPARE_DATA" == 1 || ( "$PREPARE_DATA" == auto && -z "$(ls "$BASE_DIR"/base_data/*.parquet 2>/dev/null)" ) ]]; then
-  echo "speedrun_small.sh: downloading $NUM_SHARDS $DATASET shards (falls back to the embedded sample when offline)"
-  "$PY" -m nanochat.dataset -n "$NUM_SHARDS" --dataset "$DATASET" \
-    || echo "speedrun_small.sh: download failed; training uses the shards present in $BASE_DIR/base_data, or the embedded sample if there are none"
+  say "[data] downloading $NUM_SHARDS $DATASET train shards and the val shard to $BASE_DIR/base_data (a line per shard)"
+  t0=$SECONDS
+  if "$PY" -m nanochat.dataset -n "$NUM_SHARDS" --dataset "$DATASET"; then
+    say "[data] done in $((SECONDS - t0))s"
+  else
+    say "[data] download failed (above); using the shards already in $BASE_DIR/base_data, else the embedded sample"
+  fi
 fi
 if [[ "$PREPARE_DATA" == 1 || ( "$PREPARE_DATA" == auto && ! -f "$BASE_DIR/tokenizer/tokenizer.json" ) ]]; then
+  say "[tokenizer] training a $TOK_VOCAB_SIZE-token BPE on up to $TOK_MAX_CHARS characters"
+  t0=$SECONDS
+  # (sleep's output to /dev/null: once the loop is killed, a left-over sleep must not hold a pipe
+  # that reads this script's output, such as `| tee`, open)
+  ( while sleep 60 >/dev/null 2>&1; do say "[tokenizer] still training ($(( (SECONDS - t0) / 60 )) min)"; done ) &
+  HEARTBEAT=$!
   "$PY" -m scripts.tok_train --vocab-size="$TOK_VOCAB_SIZE" --max-chars="$TOK_MAX_CHARS"
+  stop_heartbeat
+  say "[tokenizer] done in $((SECONDS - t0))s"
+  # tok_train has shown the embedded-sample banner if the sample is in use: base_train says it in one line.
+  export NANOCHAT_SAMPLE_BANNER_SHOWN=1
 else
   have_vocab=$("$PY" -c "from nanochat.tokenizer import get_tokenizer; print(get_tokenizer().get_vocab_size())" 2>/dev/null || echo "?")
-  echo "speedrun_small.sh: using the existing tokenizer in $BASE_DIR/tokenizer (vocab $have_vocab); PREPARE_DATA=1 retrains it"
+  say "[tokenizer] using the existing one in $BASE_DIR/tokenizer (vocab $have_vocab); PREPARE_DATA=1 retrains it"
   if [[ "$have_vocab" != "$TOK_VOCAB_SIZE" ]]; then
-    echo "speedrun_small.sh: WARNING: that tokenizer has vocab $have_vocab, this config asks for $TOK_VOCAB_SIZE (e.g. trained by a CPU smoke run on the embedded sample)"
+    say "WARNING: that tokenizer has vocab $have_vocab, this config asks for $TOK_VOCAB_SIZE (e.g. trained by a CPU smoke run on the embedded sample)"
   fi
 fi
 
 # ---------------------------------------------------------------------------- train
+say "[train] $RUN_TAG"
 [[ -z "$METRICS" ]] || mkdir -p "$(dirname "$METRICS")"
 if [[ -n "$LOG_FILE" ]]; then
   mkdir -p "$(dirname "$LOG_FILE")"

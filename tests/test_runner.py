@@ -180,3 +180,39 @@ def test_sample_command_uses_flags_generate_has():
     from scripts.generate import build_parser
     args = build_parser().parse_args(run_report.sample_argv("d4", 3)[2:])
     assert (args.model_tag, args.num_samples, args.max_tokens) == ("d4", 3, 48)
+
+
+# -----------------------------------------------------------------------------
+# Less noise, more progress: the sample banner once per runner, a line per downloaded shard
+
+
+def test_sample_banner_is_one_line_after_a_runner_step_showed_it(base_dir, monkeypatch, capsys):
+    from nanochat import dataset
+    monkeypatch.setattr(dataset, "_BANNER_SHOWN", False)
+    monkeypatch.setenv(dataset.SAMPLE_BANNER_ENV, "1")
+    assert dataset.resolve_data_dir() == dataset.SAMPLE_DIR
+    dataset.resolve_data_dir()
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "USING THE EMBEDDED SAMPLE" in out and "!!!" not in out
+
+
+def test_download_prints_a_line_per_shard(tmp_path, monkeypatch, capsys):
+    from nanochat import dataset
+
+    def fake_shard(index, dest_dir, base_url, max_attempts=5, timeout=60.0):
+        path = os.path.join(dest_dir, dataset.shard_name(index))
+        if not os.path.exists(path):
+            with open(path, "wb") as f:
+                f.write(b"x" * 2_000_000)
+        return path
+
+    monkeypatch.setattr(dataset, "download_shard", fake_shard)
+    dataset.download(0, "climbmix", dest_dir=str(tmp_path))  # the val shard only
+    capsys.readouterr()
+    paths = dataset.download(2, "climbmix", workers=2, dest_dir=str(tmp_path))
+    val = dataset.shard_name(dataset.CLIMBMIX_NUM_SHARDS - 1)
+    assert [os.path.basename(p) for p in paths] == [val, "shard_00000.parquet", "shard_00001.parquet"]
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[")]
+    assert [ln.split("]")[0] for ln in lines] == ["[1/3", "[2/3", "[3/3"]
+    assert sum(f"{val}: already present" in ln for ln in lines) == 1
+    assert sum("shard_00001.parquet: 2 MB" in ln for ln in lines) == 1
