@@ -49,6 +49,18 @@ class GPTConfig:
         return self.n_embd // self.n_head
 
 
+@dataclass
+class ModelRuntime:
+    """How the model computes, as opposed to what it is (GPTConfig): chosen per run and per device,
+    never saved in checkpoints. Given to `GPT(config, runtime)`; `eval_mode` swaps in a copy with
+    another attention backend for variable-length inference."""
+    compute_dtype: torch.dtype = torch.float32  # activations (bf16 on CUDA); weights stay fp32
+    attn_backend: str = "sdpa"  # nanochat.attention: sdpa | flex | cudnn | fa3
+    lm_ce_backend: str = "baseline"  # nanochat.lm_head: baseline (full logits) | chunked
+    lm_ce_chunk_size: int = 4096  # rows per chunk of the chunked cross-entropy
+    lm_ce_kernel: str = "inductor"  # baseline backend's loss: inductor | triton (nanochat.softcap_ce, CUDA)
+
+
 def validate_window_pattern(pattern: str) -> str | None:
     """Return a problem description for an invalid `--window-pattern`, else None."""
     if not pattern or any(c not in "SL" for c in pattern.upper()):
@@ -138,7 +150,7 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, runtime: ModelRuntime | None = None):
         super().__init__()
         assert config.n_embd % config.n_head == 0 and config.n_head % config.n_kv_head == 0
         self.config = config
@@ -154,12 +166,7 @@ class GPT(nn.Module):
         cos, sin = self._rotary_tables(self.rotary_seq_len, head_dim)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
-        # Run-time knobs set by the trainer (plain attributes: not part of the state dict).
-        self.attn_backend = "sdpa"
-        self.compute_dtype = torch.float32
-        self.lm_ce_backend = "baseline"
-        self.lm_ce_chunk_size = 4096
-        self.lm_ce_kernel = "inductor"  # or "triton": nanochat.softcap_ce for the baseline backend (CUDA)
+        self.runtime = runtime if runtime is not None else ModelRuntime()
         self._head_fn = self._head_loss
         self._compiled = False
 
@@ -311,16 +318,16 @@ class GPT(nn.Module):
     # --------------------------------------------------------------- forward
     def _head_loss(self, x, targets, loss_reduction: str):
         x = norm(x)
-        if self.lm_ce_backend == "baseline":
+        if self.runtime.lm_ce_backend == "baseline":
             # Through the module so that an FP8-converted lm_head is used.
             logits = self.lm_head(x)
-            if self.lm_ce_kernel == "triton":
+            if self.runtime.lm_ce_kernel == "triton":
                 rows = softcap_ce_rows(logits.view(-1, logits.size(-1)), targets.reshape(-1), self.config.softcap)
                 return reduce_row_losses(rows, targets, loss_reduction)
             logits = self.config.softcap * torch.tanh(logits.float() / self.config.softcap)
             return lm_head_loss_from_logits(logits, targets, loss_reduction)
         return lm_head_loss(x, self.lm_head.weight, targets, softcap=self.config.softcap,
-                            backend=self.lm_ce_backend, chunk_size=self.lm_ce_chunk_size,
+                            backend=self.runtime.lm_ce_backend, chunk_size=self.runtime.lm_ce_chunk_size,
                             reduction=loss_reduction)
 
     def forward(self, idx, targets=None, active_start: int = 0, loss_reduction: str = "mean", kv_cache=None,
@@ -342,9 +349,9 @@ class GPT(nn.Module):
         pos = 0 if kv_cache is None else kv_cache.pos
         if pos + T > self.rotary_seq_len:
             raise ValueError(f"sequence length {pos + T} exceeds the rotary table ({self.rotary_seq_len})")
-        cos = self.cos[:, pos:pos + T].to(self.compute_dtype)
-        sin = self.sin[:, pos:pos + T].to(self.compute_dtype)
-        x0 = norm(self.transformer.wte(idx).to(self.compute_dtype))
+        cos = self.cos[:, pos:pos + T].to(self.runtime.compute_dtype)
+        sin = self.sin[:, pos:pos + T].to(self.runtime.compute_dtype)
+        x0 = norm(self.transformer.wte(idx).to(self.runtime.compute_dtype))
         # A distinct tensor for the residual stream: if block 0 received the same tensor as `x` and
         # `x0`, dynamo would guard on that aliasing and compile a second copy of the block graph
         # just for block 0 (measured: 3 instead of 2 graphs in the first step). The copy is ~48 MB
@@ -355,7 +362,7 @@ class GPT(nn.Module):
             if targets is not None or active_start != 0 or skip:
                 raise ValueError("kv_cache is for inference: no targets, active_start=0, no skipped blocks")
             for i, block in enumerate(blocks):
-                x = block.forward(x, x0, cos, sin, self.attn_backend, kv_cache=kv_cache.layer(i))
+                x = block.forward(x, x0, cos, sin, self.runtime.attn_backend, kv_cache=kv_cache.layer(i))
             kv_cache.advance(T)
             logits = self.lm_head(norm(x)).float()
             return self.config.softcap * torch.tanh(logits / self.config.softcap)
@@ -367,11 +374,11 @@ class GPT(nn.Module):
                 for i in range(active_start):
                     if i not in skip:
                         block = blocks[i]
-                        x = self._run_region(lambda: block(x, x0_frozen, cos, sin, self.attn_backend))
+                        x = self._run_region(lambda: block(x, x0_frozen, cos, sin, self.runtime.attn_backend))
         for i in range(active_start, n):
             if i not in skip:
                 block = blocks[i]
-                x = self._run_region(lambda: block(x, x0, cos, sin, self.attn_backend))
+                x = self._run_region(lambda: block(x, x0, cos, sin, self.runtime.attn_backend))
         if targets is None:
             logits = self.lm_head(norm(x)).float()
             return self.config.softcap * torch.tanh(logits / self.config.softcap)

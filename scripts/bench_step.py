@@ -25,7 +25,7 @@ import torch._dynamo
 
 from nanochat.attention import select_attention_backend
 from nanochat.fp8 import Fp8Options, convert_to_fp8
-from nanochat.gpt import GPT, GPTConfig, inductor_settings
+from nanochat.gpt import GPT, GPTConfig, ModelRuntime, inductor_settings
 from nanochat.optim import MuonAdamW
 
 
@@ -74,16 +74,15 @@ def build(args, device, compile_ortho=True, fp8="off", muon_fuse=True, muon_pack
     cfg = GPTConfig(sequence_len=args.max_seq_len, vocab_size=args.vocab_size, n_layer=args.depth,
                     n_head=dim // args.head_dim, n_kv_head=dim // args.head_dim, n_embd=dim,
                     window_pattern=args.window_pattern)
+    # validates the name and registers what the backend needs (e.g. the cuDNN op) before tracing
+    attn_backend, _ = select_attention_backend(device.type, args.window_pattern, torch.bfloat16,
+                                               requested=args.attn_backend, head_dim=args.head_dim)
+    runtime = ModelRuntime(compute_dtype=torch.bfloat16, attn_backend=attn_backend,
+                           lm_ce_backend=args.lm_ce_backend, lm_ce_kernel=ce_kernel)
     with torch.device("meta"):
-        model = GPT(cfg)
+        model = GPT(cfg, runtime)
     model.to_empty(device=device)
     model.init_weights()
-    model.compute_dtype = torch.bfloat16
-    # validates the name and registers what the backend needs (e.g. the cuDNN op) before tracing
-    model.attn_backend, _ = select_attention_backend(device.type, args.window_pattern, torch.bfloat16,
-                                                     requested=args.attn_backend, head_dim=args.head_dim)
-    model.lm_ce_backend = args.lm_ce_backend
-    model.lm_ce_kernel = ce_kernel
     if fp8 != "off":
         opts = Fp8Options(enabled=True, backend=fp8.split("-")[0], no_allow_in_graph=fp8.endswith("-traced"),
                           exclude_regex=args.fp8_exclude_regex, fast_accum=args.fp8_fast_accum,

@@ -125,16 +125,14 @@ def test_gpu_kernels_match_float64(fast):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_gpu_model_head_triton_matches_inductor(reduction):
     """The compiled model's head with the Triton CE against inductor's, same weights and batch."""
-    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.gpt import GPT, GPTConfig, ModelRuntime
     torch.manual_seed(0)
     cfg = GPTConfig(sequence_len=64, vocab_size=512, n_layer=2, n_head=2, n_kv_head=2, n_embd=128)
     results = {}
     for kernel in ("inductor", "triton"):
         torch.manual_seed(0)
-        model = GPT(cfg).cuda()
+        model = GPT(cfg, ModelRuntime(compute_dtype=torch.bfloat16, lm_ce_kernel=kernel)).cuda()
         model.init_weights()
-        model.compute_dtype = torch.bfloat16
-        model.lm_ce_kernel = kernel
         model.compile_regions(dynamic=False)
         idx = torch.randint(0, 512, (4, 64), device="cuda")
         tgt = torch.randint(0, 512, (4, 64), device="cuda")

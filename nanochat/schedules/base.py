@@ -141,6 +141,11 @@ class BlockSchedule:
         return {"name": self.name, "steps": self.steps, "sum_trained": self.sum_trained,
                 "full_steps": self.full_steps, "last_recorded_step": self.last_recorded_step}
 
+    def load_checkpoint_meta(self, meta: dict) -> None:
+        """Restore the schedule from a checkpoint's metadata (a no-op for a fresh start)."""
+        if meta.get("schedule"):
+            self.load_state_dict(meta["schedule"])
+
     def load_state_dict(self, d: dict) -> None:
         if d.get("name", self.name) != self.name:
             raise ValueError(f"the checkpoint's block-update schedule is {d.get('name')!r}, this run's is "

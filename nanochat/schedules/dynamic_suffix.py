@@ -78,3 +78,11 @@ class DynamicSuffixSchedule(BlockSchedule):
     def load_state_dict(self, d: dict) -> None:
         super().load_state_dict(d)
         self.controller.load_state_dict(d["controller"])
+
+    def load_checkpoint_meta(self, meta: dict) -> None:
+        # Checkpoints written before the schedule interface kept the controller's state alone.
+        if not meta.get("schedule") and meta.get("dynamic_suffix"):
+            self.controller.load_state_dict(meta["dynamic_suffix"])
+            self.last_recorded_step = self.controller.last_recorded_step
+        else:
+            super().load_checkpoint_meta(meta)
