@@ -1,12 +1,11 @@
-"""The command line: frozen --help, generated docs in sync, one-line errors, runner mapping."""
+"""The command line: frozen --help, one-line errors, the runner's mapping of variables to flags."""
 import os
 import subprocess
 import sys
 
 import pytest
 
-from nanochat.cli import feature_flags_doc, runner_env_mapping
-from scripts.base_train import build_parser, validate_args
+from nanochat.config import build_parser, runner_env_mapping, validate_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNER = os.path.join(ROOT, "runs", "speedrun_small.sh")
@@ -28,11 +27,6 @@ def test_help_snapshot():
     out = run([sys.executable, "-m", "scripts.base_train", "--help"])
     assert out.returncode == 0
     assert out.stdout == read("tests/snapshots/base_train_help.txt")
-
-
-def test_feature_flags_doc_is_generated_from_the_parser_and_runner():
-    """Regenerate with: python -m nanochat.cli --markdown > docs/feature_flags.md"""
-    assert read("docs/feature_flags.md") == feature_flags_doc(read("runs/speedrun_small.sh"))
 
 
 def test_every_runner_variable_maps_to_a_real_flag():

@@ -1,6 +1,7 @@
-"""Issue 10 end to end: config files and --dry-run (nanochat/runconfig.py), bad inputs, NaN skipping
-and naming, loss-spike LR reduction, SIGTERM save + resume, retention, kill during save, and the
-tokenizer's refusal of pickles. CPU, tiny models; e2e tests go through the real entry points."""
+"""Issue 10 end to end: config files (nanochat/config.py) and --dry-run (nanochat/plan.py), bad
+inputs, NaN skipping and naming, loss-spike LR reduction, SIGTERM save + resume, retention, kill
+during save, and the tokenizer's refusal of pickles. CPU, tiny models; e2e tests go through the
+real entry points."""
 import json
 import os
 import pickle
@@ -15,12 +16,11 @@ import time
 import pytest
 import torch
 
+from nanochat.config import build_parser, config_file_defaults, parse_with_config
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.runconfig import (config_file_defaults, estimate_memory, model_config_from_args, parse_with_config,
-                                plan_horizon, run_problems)
+from nanochat.plan import estimate_memory, model_config_from_args, plan_horizon, run_problems
 from nanochat.tokenizer import Tokenizer, TokenizerError, get_token_bytes
 from scripts import base_train
-from scripts.base_train import build_parser
 from tests.helpers import ROOT, TINY, base_with_tokenizer, run
 
 

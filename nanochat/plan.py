@@ -1,21 +1,14 @@
-"""Run configuration: `--config` files, checks that need the world size or the disk, the training
-horizon, `--dry-run`'s report and its peak-memory estimate.
-
-Config files (``--config FILE``, JSON or TOML): a flat table whose keys are flag names, with dashes
-or underscores and with or without the leading ``--`` (``max-seq-len``, ``max_seq_len``). The
-values become the parser's defaults, so a flag given on the command line always wins, and
-``--help`` shows the merged defaults. Each value is checked against the flag: a switch takes a
-boolean; a number flag takes a number (or a string, parsed as on the command line); choices are
-enforced. Unknown keys and wrong types are reported all at once, each naming the key, with exit
-code 2 (``fail`` in nanochat/cli.py).
+"""Planning a run from its validated flags: checks that need the world size or the disk, the
+training horizon, `--dry-run`'s report and its peak-memory estimate. (The flags themselves, their
+validation and `--config` files are nanochat/config.py.)
 
 The horizon (batch size, number of steps, weight decay scaling) is computed here, by the same
-function for the real run and for ``--dry-run``, so the two can never disagree.
+function for the real run and for ``--dry-run``, so the two can never disagree; the bounds it
+checks (steps, accumulation) are the ones that only the derived numbers can break.
 """
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import math
 import os
@@ -23,6 +16,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from nanochat.config import MAX_GRAD_ACCUM, MAX_TOTAL_BATCH, batch_problems, model_dim
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.softcap_ce import choose_kernel as choose_ce_kernel
 
@@ -30,141 +24,7 @@ from nanochat.softcap_ce import choose_kernel as choose_ce_kernel
 # decay scale from there.
 B_REF = 2 ** 19
 CHINCHILLA_TOKENS_PER_PARAM = 20
-_NOT_IN_FILE = {"config", "help"}
-
-
-# ---------------------------------------------------------------------------------------------
-# --config FILE
-
-
-def _read_config_file(path: str) -> tuple[dict | None, str | None]:
-    """(table, None) or (None, problem)."""
-    if not os.path.isfile(path):
-        return None, f"--config={path}: file not found"
-    ext = os.path.splitext(path)[1].lower()
-    try:
-        if ext == ".json":
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        elif ext == ".toml":
-            try:
-                import tomllib  # noqa: PLC0415 (Python >= 3.11)
-            except ModuleNotFoundError:
-                return None, f"--config={path}: TOML needs Python >= 3.11 (tomllib); use a .json file"
-            with open(path, "rb") as f:
-                data = tomllib.load(f)
-        else:
-            return None, f"--config={path}: unknown file type {ext or '(none)'!r}; use a .json or .toml file"
-    except (OSError, ValueError) as e:  # json.JSONDecodeError and tomllib.TOMLDecodeError are ValueErrors
-        return None, f"--config={path}: cannot parse ({type(e).__name__}: {e})"
-    if not isinstance(data, dict):
-        return None, f"--config={path}: the top level must be a table/object of flag names, got {type(data).__name__}"
-    return data, None
-
-
-def _flag_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
-    """'--max-seq-len' -> action, for every long option."""
-    out = {}
-    for a in parser._actions:
-        for s in a.option_strings:
-            if s.startswith("--"):
-                out[s] = a
-    return out
-
-
-def _convert(key: str, value, action: argparse.Action, path: str) -> tuple[object, str | None]:
-    """A config value as the flag's Python value, or a problem naming the key."""
-    where = f"--config={path}: key {key!r}"
-    if action.nargs == 0:  # a switch (store_true)
-        if not isinstance(value, bool):
-            return None, f"{where} is a switch: use true or false, not {value!r}"
-        return value, None
-    if value is None:
-        if action.default is None:
-            return None, None
-        return None, f"{where} may not be null"
-    kind = action.type or str
-    if isinstance(value, bool) or isinstance(value, (dict, list)):
-        return None, f"{where} needs a {getattr(kind, '__name__', 'value')}, not {value!r}"
-    if isinstance(value, str) and kind is not str:
-        try:
-            value = kind(value)
-        except (TypeError, ValueError):
-            return None, f"{where}: {value!r} is not a valid {kind.__name__}"
-    elif kind is int and not isinstance(value, int):
-        return None, f"{where} needs an integer, not {value!r}"
-    elif kind is float and isinstance(value, (int, float)):
-        value = float(value)
-    elif kind is str and not isinstance(value, str):
-        return None, f"{where} needs a string, not {value!r}"
-    if action.choices is not None and value not in action.choices:
-        return None, f"{where}: {value!r} is not one of {', '.join(map(str, action.choices))}"
-    return value, None
-
-
-def config_file_defaults(parser: argparse.ArgumentParser, path: str) -> tuple[dict, list[str]]:
-    """({dest: value}, problems) for the flags set in config file `path`."""
-    data, problem = _read_config_file(path)
-    if problem:
-        return {}, [problem]
-    actions = _flag_actions(parser)
-    values, problems, seen = {}, [], {}
-    for key, value in data.items():
-        flag = "--" + str(key).lstrip("-").replace("_", "-")
-        action = actions.get(flag)
-        if action is None or action.dest in _NOT_IN_FILE:
-            if isinstance(value, dict):
-                hint = " (nested tables are not supported: put the flags at the top level)"
-            else:
-                close = difflib.get_close_matches(flag, list(actions), n=1)
-                hint = f" (did you mean {close[0][2:]!r}?)" if close else ""
-            problems.append(f"--config={path}: unknown key {key!r}{hint}")
-            continue
-        if action.dest in seen:
-            problems.append(f"--config={path}: keys {seen[action.dest]!r} and {key!r} both set {flag}")
-            continue
-        seen[action.dest] = key
-        converted, problem = _convert(str(key), value, action, path)
-        if problem:
-            problems.append(problem)
-        else:
-            values[action.dest] = converted
-    return values, problems
-
-
-def explicit_dests(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
-    """The dests that `argv` sets explicitly (parsed again with every default suppressed)."""
-    saved = [(a, a.default) for a in parser._actions]
-    saved_defaults = dict(parser._defaults)
-    try:
-        for a in parser._actions:
-            a.default = argparse.SUPPRESS
-        parser._defaults = {}
-        return set(vars(parser.parse_args(argv)))
-    finally:
-        for a, d in saved:
-            a.default = d
-        parser._defaults = saved_defaults
-
-
-def parse_with_config(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespace, dict, list[str]]:
-    """Parse `argv`, with `--config FILE` values as defaults. -> (args, sources, problems).
-
-    `sources` maps each dest to 'cli', 'config' or 'default'. With problems in the file, `args`
-    is None (the caller reports them and exits 2)."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default="")
-    known, _ = pre.parse_known_args(argv)
-    file_values: dict = {}
-    if known.config:
-        file_values, problems = config_file_defaults(parser, known.config)
-        if problems:
-            return None, {}, problems
-        parser.set_defaults(**file_values)
-    args = parser.parse_args(argv)
-    cli = explicit_dests(parser, argv)
-    sources = {k: "cli" if k in cli else "config" if k in file_values else "default" for k in vars(args)}
-    return args, sources, []
+MAX_STEPS = 10 ** 9  # also the step count of a pure time budget, whose clock ends the run
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,10 +34,10 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: list[str]) -> tuple
 def model_config_from_args(args: argparse.Namespace, vocab_size: int, depth: int | None = None) -> GPTConfig:
     """GPTConfig from the flags: model_dim = depth * aspect_ratio rounded up to a multiple of head_dim."""
     depth = args.depth if depth is None else depth
-    model_dim = ((depth * args.aspect_ratio + args.head_dim - 1) // args.head_dim) * args.head_dim
-    n_head = model_dim // args.head_dim
+    width = model_dim(depth, args.aspect_ratio, args.head_dim)
+    n_head = width // args.head_dim
     return GPTConfig(sequence_len=args.max_seq_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
-                     n_kv_head=n_head, n_embd=model_dim, window_pattern=args.window_pattern)
+                     n_kv_head=n_head, n_embd=width, window_pattern=args.window_pattern)
 
 
 def scaling_params(counts: dict) -> int:
@@ -195,6 +55,7 @@ class Horizon:
     target_tokens: int  # ratio * scaling params (the data horizon the scaling rules assume)
     weight_decay: float  # --weight-decay scaled for batch size and horizon
     total_tokens: int  # total_batch_size * num_iterations
+    steps_from: str = "--num-iterations"  # the flag that set num_iterations
 
 
 def plan_horizon(args: argparse.Namespace, num_scaling_params: int, flops_per_token: float, vocab_size: int,
@@ -221,15 +82,16 @@ def plan_horizon(args: argparse.Namespace, num_scaling_params: int, flops_per_to
     weight_decay = args.weight_decay * (total_batch_size / B_REF) ** 0.5 * (d_ref / target_tokens)
     time_budget = args.time_budget_sec if args.time_budget_sec > 0 else None
     if args.num_iterations > 0:
-        num_iterations = args.num_iterations
+        num_iterations, steps_from = args.num_iterations, "--num-iterations"
     elif time_budget:
-        num_iterations = 10 ** 9  # the clock ends the run
+        num_iterations, steps_from = MAX_STEPS, "--time-budget-sec"  # the clock ends the run
     elif args.target_flops > 0:
         num_iterations = max(1, round(args.target_flops / (flops_per_token * total_batch_size)))
+        steps_from = "--target-flops"
     else:
-        num_iterations = max(1, target_tokens // total_batch_size)
+        num_iterations, steps_from = max(1, target_tokens // total_batch_size), "--target-param-data-ratio"
     return Horizon(total_batch_size, auto, grad_accum_steps, num_iterations, time_budget, target_tokens,
-                   weight_decay, total_batch_size * num_iterations)
+                   weight_decay, total_batch_size * num_iterations, steps_from)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,7 +100,6 @@ def plan_horizon(args: argparse.Namespace, num_scaling_params: int, flops_per_to
 
 def run_problems(args: argparse.Namespace, world_size: int) -> list[str]:
     """Problems validate_args cannot see (it is pure and assumes nothing about the launch)."""
-    from nanochat.cli import batch_problems  # noqa: PLC0415 (cli imports scripts lazily)
     problems = []
     if args.total_batch_size > 0:
         problems += batch_problems(args.total_batch_size, args.device_batch_size, args.max_seq_len, world_size)
@@ -274,11 +135,21 @@ def resolve_resume(args: argparse.Namespace, checkpoint_dir: str) -> tuple[int |
 
 
 def horizon_problems(resume_step: int | None, plan: Horizon) -> list[str]:
-    """A resumed step past the horizon would never meet `step == num_iterations`."""
+    """What the derived horizon breaks: a resumed step past it would never meet
+    `step == num_iterations`; a derived step count or an auto batch size past the bounds would run
+    (or build its per-micro-step streams) practically forever."""
+    problems = []
+    if plan.steps_from in ("--target-flops", "--target-param-data-ratio") and plan.num_iterations > MAX_STEPS:
+        problems.append(f"{plan.steps_from} gives {plan.num_iterations:,} steps of {plan.total_batch_size:,} tokens, "
+                        f"more than {MAX_STEPS:,}; lower {plan.steps_from} or raise --total-batch-size")
+    if plan.auto_batch and (plan.total_batch_size > MAX_TOTAL_BATCH or plan.grad_accum_steps > MAX_GRAD_ACCUM):
+        problems.append(f"the auto batch size is {plan.total_batch_size:,} tokens ({plan.grad_accum_steps:,} "
+                        f"accumulation steps), more than 2**40 tokens or {MAX_GRAD_ACCUM:,} steps; set "
+                        f"--total-batch-size, or raise --device-batch-size")
     if resume_step is not None and resume_step > plan.num_iterations:
-        return [f"resuming from step {resume_step}, but the run ends at step {plan.num_iterations}; "
-                f"raise --num-iterations (or the other horizon flags) above {resume_step}"]
-    return []
+        problems.append(f"resuming from step {resume_step}, but the run ends at step {plan.num_iterations}; "
+                        f"raise --num-iterations (or the other horizon flags) above {resume_step}")
+    return problems
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,10 +256,10 @@ def dry_run_report(args: argparse.Namespace, sources: dict, device_type: str, wo
     checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", args.model_tag or f"d{args.depth}")
     resume_step, problem = resolve_resume(args, checkpoint_dir)
     resume_line = "resume: no (fresh start)"
+    problems += horizon_problems(resume_step, plan)
     if problem:
         problems.append(problem)
     elif resume_step is not None:
-        problems += horizon_problems(resume_step, plan)
         try:
             with open(os.path.join(step_dir(checkpoint_dir, resume_step), META_FILE), encoding="utf-8") as f:
                 saved = json.load(f)["model_config"]
