@@ -142,7 +142,7 @@ def test_activation_estimate_matches_saved_tensors_on_cpu():
         cfg = GPTConfig(sequence_len=64, vocab_size=512, n_layer=n_layer, n_head=2, n_kv_head=2, n_embd=128)
         model = GPT(cfg)
         model.init_weights()
-        model.lm_ce_backend, model.lm_ce_chunk_size = "chunked", 64
+        model.runtime.lm_ce_backend, model.runtime.lm_ce_chunk_size = "chunked", 64
         storages = {}
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
