@@ -64,6 +64,9 @@ if [[ "$SKIP_SETUP" == 0 && "$DRY_RUN" == 0 ]]; then
         || pip install -q "torch==2.13.0"
     fi
   fi
+  # Before 0.2.0 the distribution was called nanochat: drop that name's editable install of this
+  # checkout, or two distributions would claim the one `nanochat` package.
+  if pip show nanochat 2>/dev/null | grep -qxF "Editable project location: $PWD"; then pip uninstall -y -q nanochat; fi
   pip install -q -e ".[dev]"
   if [[ "$has_gpu" == 1 ]]; then
     # cuDNN's native sliding-window attention for --window-pattern with S layers (the `cudnn` attention
