@@ -121,6 +121,8 @@ class _Problems(list):
 
 @dataclass
 class RunFlags(_Flags):
+    """How the process runs: wandb name, device, seed, compilation, a config file, a dry run."""
+
     GROUP: ClassVar[str] = "runtime"
     run: str = flag("dummy", "wandb run name; 'dummy' disables wandb", group="logging")
     device_type: str = flag("", "cuda | cpu | mps; empty = autodetect")
@@ -141,6 +143,8 @@ class RunFlags(_Flags):
 
 @dataclass
 class ModelFlags(_Flags):
+    """The model's shape (nanochat/plan.py turns it into a GPTConfig)."""
+
     GROUP: ClassVar[str] = "model"
     depth: int = flag(20, "number of transformer layers")
     aspect_ratio: int = flag(64, "model_dim = depth * aspect_ratio (rounded up to a multiple of --head-dim)")
@@ -168,6 +172,8 @@ class ModelFlags(_Flags):
 
 @dataclass
 class HorizonFlags(_Flags):
+    """How long to train: the first horizon flag set wins (see the group title)."""
+
     GROUP: ClassVar[str] = "horizon"
     num_iterations: int = flag(-1, "explicit number of optimizer steps (-1 = disabled)")
     target_flops: float = flag(-1.0, "derive num_iterations to reach this many training FLOPs (-1 = disabled)")
@@ -191,6 +197,8 @@ class HorizonFlags(_Flags):
 
 @dataclass
 class OptimFlags(_Flags):
+    """Batch sizes, learning rates, their schedule, and the Muon optimizer's knobs."""
+
     GROUP: ClassVar[str] = "optimization"
     device_batch_size: int = flag(32, "sequences per device per micro-step; lower it (16, 8, ...) on OOM")
     total_batch_size: int = flag(-1, "tokens per optimizer step across all devices; must be a multiple of "
@@ -236,6 +244,8 @@ class OptimFlags(_Flags):
 
 @dataclass
 class ResumeFlags(_Flags):
+    """Which checkpoint to continue from."""
+
     GROUP: ClassVar[str] = "optimization"
     resume_from_step: int = flag(-1, "resume from the checkpoint of this step (-1 = start fresh)")
     resume_latest: bool = flag(False, "resume from the newest complete checkpoint of --model-tag (error if there is none)")
@@ -251,6 +261,8 @@ class ResumeFlags(_Flags):
 
 @dataclass
 class Fp8Flags(_Flags):
+    """FP8 training; `options()` is what nanochat/fp8.py takes."""
+
     GROUP: ClassVar[str] = "fp8"
     fp8: bool = flag(False, "train the block linears (and lm_head unless skipped) in FP8; needs CUDA capability >= 8.9 "
                             "(runs slowly on CPU for testing)")
@@ -278,7 +290,7 @@ class Fp8Flags(_Flags):
 
 @dataclass
 class ScheduleFlags(_Flags):
-    """The block-update schedule; the `--dyn-*` defaults are `DynamicSuffixConfig`'s."""
+    """The block-update schedule; the `--dyn-*` defaults are `DynamicSuffixConfig`'s (one place)."""
 
     GROUP: ClassVar[str] = "schedule"
     block_update_schedule: str = flag("full_update", "full_update trains every block each step; dynamic_suffix trains "
@@ -318,6 +330,8 @@ class ScheduleFlags(_Flags):
 
 @dataclass
 class LossFlags(_Flags):
+    """How the lm-head cross-entropy is computed."""
+
     GROUP: ClassVar[str] = "loss"
     lm_ce_backend: str = flag("baseline", "baseline materialises the full (tokens x vocab) logits (bf16 when compiled, "
                                           "fp32 eager); chunked never does (exact grads, far less memory)",
@@ -338,6 +352,8 @@ class LossFlags(_Flags):
 
 @dataclass
 class EvalFlags(_Flags):
+    """Evaluation, samples, the weight EMA and checkpoint saving."""
+
     GROUP: ClassVar[str] = "eval"
     eval_every: int = flag(250, "evaluate val bpb every N steps and at the end (-1 = disabled)")
     eval_tokens: int = flag(40 * 524288, "tokens of the validation split per evaluation")
@@ -369,6 +385,8 @@ class EvalFlags(_Flags):
 
 @dataclass
 class DebugFlags(_Flags):
+    """NaN/Inf checks, memory prints, skipping bad steps and loss-spike LR reduction."""
+
     GROUP: ClassVar[str] = "debug"
     debug_nan: bool = flag(False, "check every gradient before and every parameter after each optimizer step for "
                                   "NaN/Inf (one fused reduction and host sync each) and name the offending tensors")
@@ -404,6 +422,8 @@ class DebugFlags(_Flags):
 
 @dataclass
 class OutputFlags(_Flags):
+    """Where the run writes: its checkpoint directory name and metrics file."""
+
     GROUP: ClassVar[str] = "output"
     model_tag: str | None = flag(None, "checkpoint directory name (default: d{depth})")
     metrics_file: str = flag("", "append one JSON line per step and per evaluation, and a final summary line, to this "
