@@ -216,6 +216,25 @@ class _Comm:
         full.copy_(torch.cat(parts))
 
 
+def _replace_state(state, dst: torch.Tensor, entries: dict) -> None:
+    """state[dst] becomes a copy of `entries`. Tensors go into dst's existing ones where shape and
+    dtype match (a packed Muon buffer is a view of its group's storage, and writing through it
+    keeps the two in step); otherwise they are cloned. Empty `entries` removes dst's state."""
+    old = state.get(dst, {})
+    new = {}
+    for k, v in entries.items():
+        cur = old.get(k)
+        if isinstance(cur, torch.Tensor) and isinstance(v, torch.Tensor) and cur.shape == v.shape \
+                and cur.dtype == v.dtype:
+            new[k] = cur.copy_(v)
+        else:
+            new[k] = v.clone() if isinstance(v, torch.Tensor) else v
+    if new:
+        state[dst] = new
+    else:
+        state.pop(dst, None)
+
+
 def _no_duck_shapes():
     """While compiling the fused Muon functions: do not guard on equal sizes being equal (a square
     group would otherwise compile its own graphs beside the rectangular ones)."""
@@ -316,6 +335,40 @@ class MuonAdamW(torch.optim.Optimizer):
         if not _distributed():
             return
         _Comm().all_reduce_avg_flat([p.grad for g in self.param_groups for p in g["params"] if p.grad is not None])
+
+    @torch.no_grad()
+    def copy_state(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Give each destination parameter an exact copy of its source's optimizer state (Muon
+        momentum buffer; AdamW step, exp_avg, exp_avg_sq), for schedules that duplicate a block
+        into another (depth growth): the copy then continues from the source's momentum instead of
+        from zero. `pairs`: (source, destination) parameters of one group. The weights are the
+        caller's to copy. A source without state yet leaves its destination without state (both
+        then start from zeros, as a fresh parameter does).
+
+        Under torchrun this is a collective: every rank calls it with the same pairs in the same
+        order. A Muon matrix's momentum lives only on its owner (rank i % W, see `_muon_sharded`),
+        so when source and destination have different owners the source's owner broadcasts the
+        buffer (zeros if it has none). AdamW state needs no communication: the per-layer scalars
+        are replicated, and a row-sharded matrix's slice has the same rows on every rank for every
+        parameter of its shape, so each rank copies its own slice."""
+        where = {id(p): (g, i) for g in self.param_groups for i, p in enumerate(g["params"])}
+        W, r = (dist.get_world_size(), dist.get_rank()) if _distributed() else (1, 0)
+        for src, dst in pairs:
+            if id(src) not in where or id(dst) not in where:
+                raise ValueError("copy_state: both parameters of a pair must belong to this optimizer")
+            (group, i), (dst_group, j) = where[id(src)], where[id(dst)]
+            if group is not dst_group:
+                raise ValueError(f"copy_state: source and destination are in different groups "
+                                 f"({group.get('name')!r}, {dst_group.get('name')!r})")
+            if group["kind"] == "muon" and i % W != j % W:
+                owner = i % W
+                buf = self.state[src].get("momentum_buffer") if r == owner else None
+                msg = buf.clone() if buf is not None else torch.zeros_like(src)
+                dist.broadcast(msg, src=owner)
+                if r == j % W:
+                    _replace_state(self.state, dst, {"momentum_buffer": msg})
+            elif group["kind"] == "adamw" or r == i % W:
+                _replace_state(self.state, dst, self.state[src] if src in self.state else {})
 
     # -------------------------------------------------------------- sharded
     def _sharded_step(self, comm: _Comm, reduce: bool):

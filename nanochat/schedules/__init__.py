@@ -9,7 +9,7 @@ from typing import Any
 
 from nanochat.schedules.base import BlockSchedule, ScheduleContext, StepPlan
 
-SCHEDULES = ("full_update", "dynamic_suffix")
+SCHEDULES = ("full_update", "dynamic_suffix", "layer_drop", "depth_growth")
 
 
 def build_schedule(name: str, ctx: ScheduleContext, args: Any) -> BlockSchedule:
@@ -20,6 +20,12 @@ def build_schedule(name: str, ctx: ScheduleContext, args: Any) -> BlockSchedule:
         from nanochat.dynamic_suffix import DynamicSuffixConfig  # noqa: PLC0415
         from nanochat.schedules.dynamic_suffix import DynamicSuffixSchedule  # noqa: PLC0415
         return DynamicSuffixSchedule(ctx, DynamicSuffixConfig.from_args(args))
+    if name == "layer_drop":
+        from nanochat.schedules.layer_drop import LayerDropConfig, LayerDropSchedule  # noqa: PLC0415
+        return LayerDropSchedule(ctx, LayerDropConfig.from_args(args))
+    if name == "depth_growth":
+        from nanochat.schedules.depth_growth import DepthGrowthConfig, DepthGrowthSchedule  # noqa: PLC0415
+        return DepthGrowthSchedule(ctx, DepthGrowthConfig.from_args(args))
     raise ValueError(f"unknown block-update schedule {name!r}; choose from {', '.join(SCHEDULES)}")
 
 
