@@ -430,6 +430,35 @@ resolve() {  # resolve K RUN_ID
 (( WARMUP_STEPS == 0 )) || resolve warmup warmup
 for k in "${!RUN_IDS[@]}"; do resolve "$k" "${RUN_IDS[$k]}"; done
 
+# Frontier: base_train evaluates whole batches (eval_tokens // (device batch x seq len x ranks)
+# of them), so EVAL_TOKENS=1048576 with batches of 24 x 1024 tokens evaluates 1,032,192. Every arm
+# must evaluate the same val tokens, at least MIN_EVAL_TOKENS of them: checked on the resolved
+# commands before anything runs, not found by the report after the runs.
+flag_of() {  # flag_of COMMAND NAME: the last value of --NAME=V in a resolved command
+  local v="" t
+  for t in $1; do [[ "$t" != "--$2="* ]] || v=${t#*=}; done
+  echo "$v"
+}
+if (( FRONTIER )); then
+  declare -A EVAL_ACTUAL=()
+  for id in "${RUN_IDS[@]}"; do
+    e=$(flag_of "${COMMAND[$id]}" eval-tokens); b=$(flag_of "${COMMAND[$id]}" device-batch-size)
+    t=$(flag_of "${COMMAND[$id]}" max-seq-len)
+    [[ "$e$b$t" =~ ^[0-9]+$ && -n "$e" && -n "$b" && -n "$t" ]] || continue
+    chunk=$(( b * t * ${NPROC_PER_NODE:-1} )); n=$(( e / chunk > 0 ? e / chunk : 1 ))
+    EVAL_ACTUAL[$(( n * chunk ))]+="$id "
+  done
+  if (( ${#EVAL_ACTUAL[@]} > 1 )); then
+    die "the arms would evaluate different numbers of val tokens ($(for n in "${!EVAL_ACTUAL[@]}"; do printf '%s: %s; ' "$n" "${EVAL_ACTUAL[$n]% }"; done)): give every arm the same --device-batch-size and MAX_SEQ_LEN, or an EVAL_TOKENS that is a multiple of each arm's batch"
+  fi
+  for n in "${!EVAL_ACTUAL[@]}"; do
+    if (( n < MIN_EVAL_TOKENS )) && [[ "$ALLOW_FEW_EVAL_TOKENS" != 1 ]]; then
+      chunk=$(( b * t * ${NPROC_PER_NODE:-1} ))
+      die "EVAL_TOKENS=$EVAL_TOKENS evaluates $n tokens (whole batches of $chunk): set EVAL_TOKENS=$(( (MIN_EVAL_TOKENS + chunk - 1) / chunk * chunk )) for at least $MIN_EVAL_TOKENS (or ALLOW_FEW_EVAL_TOKENS=1)"
+    fi
+  done
+fi
+
 # RESUME: the runs that runs.tsv records as done (exit code 0) are skipped; their commands must be
 # the ones these variables give, or the arms would not match. Compared without the interpreter and
 # the metrics file's directory (a results dir carried to another checkout keeps its runs).

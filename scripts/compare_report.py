@@ -504,7 +504,7 @@ def blocks_note(rows: list[dict], schedule: str) -> str:
         return note if schedule in ("full_update", "") else f"**no block was ever frozen** ({note})"
     counted = sum(x["counted_steps"] for x in b)
     frozen = sum(x["frozen_steps"] or 0 for x in b)
-    steps = f"; a prefix frozen in {frozen}/{counted} steps" if counted else ""
+    steps = f"; fewer than all blocks trained in {frozen}/{counted} steps" if counted else ""
     return f"{mean:.2f} of {n:g} blocks trained per step (median over runs){steps}"
 
 
@@ -513,8 +513,9 @@ def never_froze(rows: list[dict], schedule: str) -> bool:
     return schedule not in ("full_update", "") and bool(rows) and all(r["blocks"]["all_blocks"] for r in rows)
 
 
-NO_FREEZE = ("**no block was ever frozen: this arm trained like full_update, so it cannot claim a speed-up "
-             "from freezing; any gain here comes from elsewhere (its LR schedule, its seed)**")
+NO_FREEZE = ("**no block was ever frozen: every step trained all blocks, as full_update does, so this arm cannot "
+             "claim a speed-up from training fewer blocks; any gain here comes from elsewhere (its LR schedule, its "
+             "seed)**")
 
 
 def read_allow(name: str, dirs: list[str]) -> bool:

@@ -151,7 +151,7 @@ def test_report_medians_ratios_and_markdown(synthetic):
     assert "/x/" not in md  # per-run paths are left out of the shared command
     # What each arm did: the dynamic arm's mean of active_layers (no schedule_stats in these files).
     assert "- `full` (full_update): every step trained all 4 blocks." in md
-    assert "- `dynamic` (dynamic_suffix): 2.48 of 4 blocks trained per step (median over runs); a prefix frozen in 60/80 steps." in md
+    assert "- `dynamic` (dynamic_suffix): 2.48 of 4 blocks trained per step (median over runs); fewer than all blocks trained in 60/80 steps." in md
     assert "Refused" not in md and "ALLOW_UNEQUAL_SCHEDULES" not in md  # same --num-iterations=40 in both arms
     assert len(read_csv(os.path.join(d, "val_bpb_vs_time.csv"))) == 4 * 3
 
@@ -376,7 +376,7 @@ def test_two_arm_unequal_steps_and_a_dynamic_arm_that_never_froze(tmp_path):
     assert out["time_to_target_median"] == pytest.approx(20 * 0.5 / (20 * 0.5))  # reached exactly at step 20
     assert "**ALLOW_UNEQUAL_SCHEDULES=1: the compared runs' LR schedules or token budgets differ" in md
     line = next(x for x in md.splitlines() if x.startswith("**Median time-to-target ratio"))
-    assert "**no block was ever frozen: this arm trained like full_update" in line  # next to the ratio
+    assert "**no block was ever frozen: every step trained all blocks" in line  # next to the ratio
     assert cr.NO_FREEZE in md.split("## dynamic vs full (of the medians)")[1]
 
 
@@ -485,9 +485,9 @@ def test_frontier_best_baseline_paired_differences_and_time_to_target(tmp_path):
             "arm `dyn_d6` (dynamic_suffix, depth 6), 1.4300: minus the best baseline at equal time "
             "**-0.0200 [-0.0200, -0.0100], lower in 3/3 seeds** (below the best baseline)") in md
     row = next(x for x in md.splitlines() if x.startswith("| stuck_d4 |"))
-    assert "**no block was ever frozen: this arm trained like full_update" in row  # beside its difference
+    assert "**no block was ever frozen: every step trained all blocks" in row  # beside its difference
     assert "reached in 2/3 seeds" in row
-    assert "| 4.50 of 6 blocks trained per step (median over runs); a prefix frozen in 60/60 steps |" in md
+    assert "| 4.50 of 6 blocks trained per step (median over runs); fewer than all blocks trained in 60/60 steps |" in md
     assert "every step trained all 4 blocks |" in next(x for x in md.splitlines() if x.startswith("| base_d4 |"))
     short = next(x for x in md.splitlines() if x.startswith("| dyn_d6_f0.8 |"))
     assert short.startswith("| dyn_d6_f0.8 | 0.8 | 8 | 1.4500 | +0.0000 [+0.0000, +0.0100], lower in 0/3 seeds | 2/3 |")
@@ -784,6 +784,10 @@ def test_dry_run_per_run_compile_caches(tmp_path):
     ({"BASELINE_DEPTHS": "2", "TIME_BUDGET_SEC": "30", "ARMS": "a:--depth=2 --warmdown-ratio=0.5"},
      "its LR schedule would differ"),
     ({"BASELINE_DEPTHS": "2", "TIME_BUDGET_SEC": "30", "EVAL_TOKENS": "65536"}, "ALLOW_FEW_EVAL_TOKENS=1"),
+    ({"BASELINE_DEPTHS": "2", "TIME_BUDGET_SEC": "30", "DEVICE_BATCH_SIZE": "24", "MAX_SEQ_LEN": "1024"},
+     "evaluates 1032192 tokens (whole batches of 24576): set EVAL_TOKENS=1056768"),
+    ({"BASELINE_DEPTHS": "2", "TIME_BUDGET_SEC": "30", "EVAL_TOKENS": "1050000", "ARMS": "a:--depth=2 --device-batch-size=4"},
+     "would evaluate different numbers of val tokens"),
     ({"BASELINE_DEPTHS": "2", "TIME_BUDGET_SEC": "30", "DEPTH": "4"}, "DEPTH is set"),
     ({"BASELINE_DEPTHS": "2", "TIME_BUDGET_SEC": "30", "DYN_WARMUP_STEPS": "5"}, "schedule flags belong to an arm"),
     ({"BASELINE_DEPTHS": "2", "TIME_BUDGET_SEC": "30", "BUDGET_FRACTION": "0.8"}, "BUDGET_FRACTION needs feature arms"),
