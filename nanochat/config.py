@@ -34,6 +34,9 @@ from typing import Any, ClassVar
 from nanochat.dynamic_suffix import RELEVANCE_METRICS, DynamicSuffixConfig
 from nanochat.fp8 import Fp8Options, validate_fp8_options
 from nanochat.gpt import GPTConfig, validate_window_pattern
+from nanochat.schedules import SCHEDULES
+from nanochat.schedules.depth_growth import DepthGrowthConfig
+from nanochat.schedules.layer_drop import LayerDropConfig
 from nanochat.softcap_ce import KERNELS as CE_KERNELS
 from nanochat.softcap_ce import choose_kernel as choose_ce_kernel
 from nanochat.usage import OneLineParser, fail
@@ -66,7 +69,10 @@ MAX_TOTAL_BATCH = 2 ** 40
 MAX_GRAD_ACCUM = 10 ** 6  # the data loader keeps one stream per rank and micro-step
 MAX_EVAL_TOKENS = 2 ** 34
 
-_DYN = DynamicSuffixConfig()  # the controller's defaults are the flags' defaults
+# each schedule's config class holds its defaults; the flags take them from there (one place)
+_DYN = DynamicSuffixConfig()
+_DROP = LayerDropConfig()
+_GROWTH = DepthGrowthConfig()
 
 
 def flag(default: Any, help: str, *, choices: list | tuple | None = None, group: str | None = None) -> Any:
@@ -294,8 +300,10 @@ class ScheduleFlags(_Flags):
 
     GROUP: ClassVar[str] = "schedule"
     block_update_schedule: str = flag("full_update", "full_update trains every block each step; dynamic_suffix trains "
-                                                     "only a relevance-chosen suffix of blocks on most steps",
-                                      choices=["full_update", "dynamic_suffix"])
+                                                     "only a relevance-chosen suffix of blocks on most steps; "
+                                                     "layer_drop leaves random middle blocks out early, ramping to full "
+                                                     "depth; depth_growth trains every N-th block, then copies them to "
+                                                     "full depth", choices=list(SCHEDULES))
     dyn_warmup_steps: int = flag(_DYN.warmup_steps, "full-update steps at the start")
     dyn_probe_every: int = flag(_DYN.probe_every, "a full-update probe step (measures relevance, re-chooses the "
                                                   "suffix) every N steps (<= 0 disables)")
@@ -317,15 +325,37 @@ class ScheduleFlags(_Flags):
     dyn_log_every: int = flag(_DYN.log_every, "print the controller's line (active suffix, cap/floor binding, "
                                               "relevance) every N steps (<= 0 disables)")
 
+    drop_rate_start: float = flag(_DROP.rate_start, "layer_drop: probability that each middle block (all but the first "
+                                                    "and last) is left out of a step at the start of the run, in [0, 1]")
+    drop_full_depth_at: float = flag(_DROP.full_depth_at, "layer_drop: fraction of the horizon (time budget, else "
+                                                          "--num-iterations) at which the drop rate reaches 0; every "
+                                                          "later step trains every block, in (0, 1]")
+    drop_mode: str = flag(_DROP.mode, "layer_drop: bernoulli drops each middle block independently; fixed drops exactly "
+                                      "the expected number (rounded stochastically) as a random subset, for an even "
+                                      "step time", choices=["bernoulli", "fixed"])
+    growth_at: float = flag(_GROWTH.at, "depth_growth: fraction of the horizon (time budget, else --num-iterations) "
+                                        "after which the shallow model grows to full depth by copying blocks, in (0, 1)")
+    growth_factor: int = flag(_GROWTH.factor, "depth_growth: the shallow model trains every N-th block (0, N, 2N, ...) "
+                                              "and the last; the others become copies of the nearest trained block "
+                                              "below them at growth, in [2, depth-1]")
+
+    # each schedule's own flags: (prefix, the config class that validates them)
+    _OWN: ClassVar[dict] = {"dynamic_suffix": ("dyn_", DynamicSuffixConfig), "layer_drop": ("drop_", LayerDropConfig),
+                            "depth_growth": ("growth_", DepthGrowthConfig)}
+
     def dynamic(self) -> DynamicSuffixConfig:
         return DynamicSuffixConfig.from_args(self)
 
     def validate(self, depth: int = ModelFlags.depth) -> list[str]:
-        """`depth` (the model's --depth) bounds the active-layer counts."""
-        if self.block_update_schedule == "dynamic_suffix":
-            return self.dynamic().validate(depth)
-        changed = self.changed("dyn_")
-        return [f"{', '.join(changed)} only apply with --block-update-schedule=dynamic_suffix"] if changed else []
+        """`depth` (the model's --depth) bounds the layer counts. A schedule's own flags are
+        validated by its config class; set for another schedule, they are an error."""
+        problems = []
+        for name, (prefix, config_cls) in self._OWN.items():
+            if self.block_update_schedule == name:
+                problems += config_cls.from_args(self).validate(depth)
+            elif changed := self.changed(prefix):
+                problems.append(f"{', '.join(changed)} only apply with --block-update-schedule={name}")
+        return problems
 
 
 @dataclass

@@ -34,7 +34,7 @@ import sys
 DEFAULT_PREFIXES = (
     "DYN_", "FP8_", "LM_CE_", "MUON_", "NUM_", "EVAL_", "DEVICE_", "TOK_", "TOTAL_", "TARGET_", "BLOCK_",
     "SAVE_", "WINDOW_", "ASPECT_", "HEAD_", "NPROC_", "PREPARE_", "SKIP_", "DRY_", "REPORT_", "BASE_TRAIN",
-    "MAX_SEQ", "TIME_BUDGET", "USE_FP8",
+    "DROP_", "GROWTH_", "MAX_SEQ", "TIME_BUDGET", "USE_FP8",
 )
 
 # The runner's mapping lines (the syntax nanochat.cli's runner_env_mapping reads for the docs).

@@ -128,7 +128,7 @@ flag USE_FP8 --fp8
 choice_opt FP8_BACKEND --fp8-backend "custom torchao"
 choice_opt FP8_RECIPE --fp8-recipe "tensorwise rowwise"
 # Dynamic suffix
-choice_opt BLOCK_UPDATE_SCHEDULE --block-update-schedule "full_update dynamic_suffix"
+choice_opt BLOCK_UPDATE_SCHEDULE --block-update-schedule "full_update dynamic_suffix layer_drop depth_growth"
 int_opt DYN_WARMUP_STEPS --dyn-warmup-steps
 int_opt DYN_PROBE_EVERY --dyn-probe-every
 int_opt DYN_REFRESH_EVERY --dyn-refresh-every
@@ -141,6 +141,11 @@ num_opt DYN_FREEZE_START_FRAC --dyn-freeze-start-frac
 num_opt DYN_EMA_DECAY --dyn-ema-decay
 num_opt DYN_EPS --dyn-eps
 int_opt DYN_LOG_EVERY --dyn-log-every
+num_opt DROP_RATE_START --drop-rate-start
+num_opt DROP_FULL_DEPTH_AT --drop-full-depth-at
+choice_opt DROP_MODE --drop-mode "bernoulli fixed"
+num_opt GROWTH_AT --growth-at
+int_opt GROWTH_FACTOR --growth-factor
 # Muon
 flag MUON_ACTIVE_ONLY_STACK --muon-active-only-stack
 int_opt MUON_STACK_CHUNK_SIZE --muon-stack-chunk-size

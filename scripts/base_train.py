@@ -277,7 +277,6 @@ def main():
     provenance = run_provenance()
     print0(f"run: {json.dumps(provenance)}")
     print0(f"args: {json.dumps(user_config)}")
-    wandb_run = init_wandb(args.run, {**user_config, **provenance}, master)
 
     # -----------------------------------------------------------------------------
     # Tokenizer and model (runtime options go in through ModelRuntime; GPTConfig is what is saved)
@@ -355,7 +354,7 @@ def main():
     schedule = build_schedule(args.block_update_schedule, ScheduleContext(
         model=model, n_layer=model_config.n_layer, num_iterations=num_iterations, time_budget=time_budget,
         fp8=args.fp8, compiled=compiled, ddp=ddp, world_size=world_size, device=device, optimizer=optimizer,
-        seed=args.seed), args)
+        seed=args.seed, extra={"ema": ema}), args)
     schedule.load_checkpoint_meta(meta)
     print0(f"block-update schedule: {json.dumps(schedule.describe())}")
 
@@ -381,6 +380,8 @@ def main():
     if meta:
         torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(meta["rng"]["cpu"])), dtype=torch.uint8))
     clock = StepClock(state, sync=torch.cuda.synchronize if cuda else (lambda: None), launch_time=t_launch)
+    # a resumed run continues its wandb run: the id rides in the checkpoints
+    wandb_run = init_wandb(args.run, {**user_config, **provenance}, master, run_id=meta.get("wandb_id"))
     metrics = MetricsLog(args.metrics_file, master, wandb_run)
     metrics.write({"kind": "run", "args": user_config, "depth": args.depth, "n_layer": model_config.n_layer,
                    "schedule": args.block_update_schedule, "horizon": {**lr.describe(), "total_batch_size": total_batch_size},
@@ -400,7 +401,8 @@ def main():
     ckpt = {"dir": checkpoint_dir, "rank": rank, "world_size": world_size, "keep_last_k": args.keep_last_k,
             "barrier": torch.distributed.barrier if ddp else None,
             "meta": {"args": user_config, "model_config": asdict(model_config), "provenance": provenance,
-                     "total_batch_size": total_batch_size, "num_iterations": num_iterations}}
+                     "total_batch_size": total_batch_size, "num_iterations": num_iterations,
+                     "wandb_id": getattr(wandb_run, "id", None)}}
 
     # -----------------------------------------------------------------------------
     # Loop: evaluate -> save -> one train step. Evaluations use the full model (no frozen or
