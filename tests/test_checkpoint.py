@@ -1,9 +1,15 @@
-"""Checkpoint save/load: round trip, crash atomicity, retention, safe loading, resume reports."""
+"""Checkpoint save/load: round trip, crash atomicity, retention, safe loading, content hashes, the
+meta.json schema, disk-full cleanup, the directory lock, resume reports."""
+import base64
+import errno
+import hashlib
 import json
 import os
 import pickle
 import shlex
+import subprocess
 import sys
+import textwrap
 import threading
 from dataclasses import dataclass
 
@@ -42,14 +48,19 @@ def _optim_state(seed=0):
     }
 
 
-def _meta(step):
-    return {"step": step, "args": {"depth": 2, "run": "dummy"}, "model_config": {"n_layer": 2, "n_embd": 4},
-            "loop": {"smooth_loss": 3.25, "total_time": 12.5}, "dataloader": {"shard": 0, "row": 17},
-            "rng": {"python": [3, [1, 2, 3], None], "torch_cpu_b64": "AAEC"}}
+def resume_meta(step, model_config=None):
+    """Metadata with every key that a training resume reads (the schema validate_meta checks)."""
+    return {"step": step, "args": {"depth": 2, "run": "dummy"},
+            "model_config": model_config or {"n_layer": 2, "n_embd": 4},
+            "loop_state": {"smooth_loss": 3.25, "min_val_bpb": float("inf"), "val_bpb": None,
+                           "total_training_time": 12.5, "train_elapsed": 13.0},
+            "dataloader_states": [{"shard": 0, "row": 17}],
+            "rng": {"cpu": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()},
+            "dynamic_suffix": None, "ema": None, "auto_lr": None, "nonfinite_skipped": 0, "nonfinite_streak": 0}
 
 
 def _save(d, step, seed=0, **kw):
-    return save_checkpoint(d, step, _model_state(seed), _optim_state(seed), _meta(step), **kw)
+    return save_checkpoint(d, step, _model_state(seed), _optim_state(seed), resume_meta(step), **kw)
 
 
 def _assert_equal(a, b):
@@ -68,6 +79,26 @@ def _assert_equal(a, b):
         assert a == b
 
 
+def _rehash(d, step, *names):
+    """Record the current hash of `names` in DONE, as a tool rewriting a checkpoint would, so a
+    test reaches the checks behind the hash check."""
+    done_path = os.path.join(d, f"step_{step:06d}", "DONE")
+    done = json.loads(open(done_path).read())
+    for name in names:
+        done["sha256"][name] = ck.file_sha256(os.path.join(d, f"step_{step:06d}", name))
+    with open(done_path, "w") as f:
+        json.dump(done, f)
+
+
+def _drop_hashes(d, step):
+    """Make a checkpoint look like one saved before content hashes were recorded."""
+    done_path = os.path.join(d, f"step_{step:06d}", "DONE")
+    done = json.loads(open(done_path).read())
+    del done["sha256"]
+    with open(done_path, "w") as f:
+        json.dump(done, f)
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -80,7 +111,7 @@ def test_round_trip(tmp_path):
     _assert_equal(model, _model_state(0))
     _assert_equal(optim, _optim_state(0))  # python floats/ints/bools/None/str/tuples survive
     assert model["h.0.attn.weight"].dtype == torch.bfloat16
-    assert meta == _meta(12)
+    assert meta == resume_meta(12)
     model2, optim2, _ = load_checkpoint(d, 12, torch.device("cpu"), load_optimizer=False)
     assert optim2 is None and torch.equal(model2["wte.weight"], model["wte.weight"])
     assert find_complete_steps(d) == [12] and latest_complete_step(d) == 12
@@ -94,7 +125,7 @@ def test_optimizer_state_dict_of_real_optimizer(tmp_path):
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3, betas=(0.8, 0.95))
     net(torch.randn(2, 4)).sum().backward()
     opt.step()
-    save_checkpoint(tmp_path, 1, net.state_dict(), opt.state_dict(), {"step": 1})
+    save_checkpoint(tmp_path, 1, net.state_dict(), opt.state_dict(), resume_meta(1))
     model, optim, _ = load_checkpoint(tmp_path, 1, "cpu")
     net2 = torch.nn.Linear(4, 3)
     opt2 = torch.optim.AdamW(net2.parameters(), lr=1e-3, betas=(0.8, 0.95))
@@ -104,22 +135,32 @@ def test_optimizer_state_dict_of_real_optimizer(tmp_path):
     assert opt2.state_dict()["param_groups"] == opt.state_dict()["param_groups"]
 
 
-def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
-    d = tmp_path / "ckpt"
-    _save(d, 10, seed=1)
+class _Killed(BaseException):
+    """Stands in for the process dying mid-save: nothing in save_checkpoint may catch it."""
+
+
+def _save_failing_at(monkeypatch, call, exc):
+    """Make the `call`-th torch.save raise `exc`."""
     real_save, calls = torch.save, []
 
     def flaky_save(obj, f, *a, **kw):
         calls.append(1)
-        if len(calls) == 2:
-            raise OSError("simulated crash: disk full")
+        if len(calls) == call:
+            raise exc
         return real_save(obj, f, *a, **kw)
 
     monkeypatch.setattr(torch, "save", flaky_save)
-    with pytest.raises(OSError, match="simulated crash"):
+
+
+def test_kill_mid_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    d = tmp_path / "ckpt"
+    _save(d, 10, seed=1)
+    _save_failing_at(monkeypatch, 2, _Killed())
+    with pytest.raises(_Killed):
         _save(d, 20, seed=2)
     monkeypatch.undo()
-    assert os.path.isdir(d / ".tmp_step_000020")  # the partial save is left behind, like a real kill
+    # the partial save is left behind, as a real kill would leave it, under this process's pid
+    assert os.path.isdir(d / f".tmp_step_000020.{os.getpid()}")
     assert find_complete_steps(d) == [10] and latest_complete_step(d) == 10
     assert resolve_resume_step(d, "latest") == 10
     model, _, meta = load_checkpoint(d, 10, "cpu")
@@ -131,16 +172,57 @@ def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert not [n for n in os.listdir(d) if n.startswith(".")]
 
 
+@pytest.mark.parametrize("call", [1, 2])   # model.pt, then the optimizer shard
+@pytest.mark.parametrize("exc", [OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), OSError(errno.ENOSPC)])
+def test_disk_full_removes_the_partial_save_and_names_the_intact_step(tmp_path, monkeypatch, call, exc):
+    d = tmp_path / "ckpt"
+    _save(d, 10, seed=1)
+    _save_failing_at(monkeypatch, call, exc)
+    with pytest.raises(CheckpointError) as ei:
+        _save(d, 20, seed=2)
+    monkeypatch.undo()
+    msg = str(ei.value)
+    assert msg.startswith(f"disk full while saving checkpoint step 20 to {d}") and "\n" not in msg
+    assert "the previous checkpoint step 10 is intact" in msg
+    assert sorted(os.listdir(d)) == ["step_000010"]   # no temp dir left
+    _assert_equal(load_checkpoint(d, 10, "cpu")[0], _model_state(1))
+
+
+def test_other_write_errors_and_a_first_save_say_so(tmp_path, monkeypatch):
+    d = tmp_path / "ckpt"
+    _save_failing_at(monkeypatch, 1, OSError(errno.EIO, "Input/output error"))
+    with pytest.raises(CheckpointError, match=r"could not save checkpoint step 3 .*\(OSError: Input/output error\); "
+                                              r"the partial save was removed and no earlier checkpoint exists"):
+        _save(d, 3)
+    assert os.listdir(d) == []
+
+
 def test_crash_in_rename_keeps_previous_checkpoint(tmp_path, monkeypatch):
     d = tmp_path / "ckpt"
     _save(d, 10, seed=1)
     monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError("simulated crash in rename")))
-    with pytest.raises(OSError, match="simulated crash"):
+    with pytest.raises(CheckpointError, match="simulated crash in rename.*previous checkpoint step 10 is intact"):
         _save(d, 20, seed=2)
     monkeypatch.undo()
-    assert find_complete_steps(d) == [10]
-    # the temp dir of the crashed save even holds DONE, yet is not a checkpoint
-    assert os.path.isfile(d / ".tmp_step_000020" / "DONE")
+    assert find_complete_steps(d) == [10] and sorted(os.listdir(d)) == ["step_000010"]
+
+
+def test_temp_dirs_of_live_savers_are_left_alone(tmp_path):
+    """Temp dirs carry the saver's pid: cleanup removes those of dead processes (and of older code,
+    without a pid) but never one that a live process is still writing."""
+    d = tmp_path / "ckpt"
+    _save(d, 1)
+    live = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        for name in (f".tmp_step_000002.{live.pid}", f".tmp_step_000002.{dead.pid}", ".tmp_step_000002",
+                     f".old_step_000001.{dead.pid}"):
+            (d / name).mkdir()
+        _save(d, 3)
+        assert sorted(os.listdir(d)) == [f".tmp_step_000002.{live.pid}", "step_000001", "step_000003"]
+    finally:
+        live.communicate(b"")
 
 
 def test_overwrite_same_step(tmp_path, monkeypatch):
@@ -161,7 +243,7 @@ def test_overwrite_same_step(tmp_path, monkeypatch):
         return real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", flaky_replace)
-    with pytest.raises(OSError, match="simulated crash"):
+    with pytest.raises(CheckpointError, match="simulated crash"):
         _save(d, 5, seed=3)
     monkeypatch.undo()
     assert find_complete_steps(d) == [5]
@@ -214,6 +296,7 @@ def test_malicious_pickle_is_refused(tmp_path, how):
         path.write_bytes(pickle.dumps({"w": _make_payload(marker)}, protocol=2))
     else:
         torch.save({"w": _make_payload(marker)}, path)
+    _rehash(d, 7, "model.pt")   # whoever planted it also fixed the manifest
     assert find_complete_steps(d) == [7]  # looks complete
     with pytest.raises(CheckpointError, match="refusing to load .*model.pt: not a plain tensor checkpoint") as ei:
         load_checkpoint(d, 7, "cpu")
@@ -227,25 +310,32 @@ def test_malicious_pickle_is_refused(tmp_path, how):
     assert live.exists()
 
 
+@pytest.mark.parametrize("hashed", [True, False])
 @pytest.mark.parametrize("keep_fraction", [0.0, 0.3, 0.5, 0.9])
-def test_truncated_model_file(tmp_path, keep_fraction):
+def test_truncated_model_file(tmp_path, keep_fraction, hashed):
     d = tmp_path / "ckpt"
     _save(d, 3)
+    if not hashed:   # an older checkpoint: the unpickler itself must report the damage
+        _drop_hashes(d, 3)
     path = d / "step_000003" / "model.pt"
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * keep_fraction)])
-    with pytest.raises(CheckpointError, match=r"model\.pt") as ei:
-        load_checkpoint(d, 3, "cpu")
-    assert str(path) in str(ei.value)
+    kind = "damaged checkpoint file" if hashed else "corrupt or truncated checkpoint file"
+    with pytest.raises(CheckpointError, match=kind) as ei:
+        load_checkpoint(d, 3, "cpu", warn=lambda m: None)
+    assert str(path) in str(ei.value) and "\n" not in str(ei.value)
 
 
-def test_garbage_model_file(tmp_path):
+@pytest.mark.parametrize("hashed", [True, False])
+def test_garbage_model_file(tmp_path, hashed):
     d = tmp_path / "ckpt"
     _save(d, 3)
+    if not hashed:
+        _drop_hashes(d, 3)
     path = d / "step_000003" / "model.pt"
     path.write_bytes(b"not a checkpoint at all " * 10)
-    with pytest.raises(CheckpointError, match=r"(corrupt|not a plain tensor checkpoint)") as ei:
-        load_checkpoint(d, 3, "cpu")
+    with pytest.raises(CheckpointError, match=r"(damaged|corrupt|not a plain tensor checkpoint)") as ei:
+        load_checkpoint(d, 3, "cpu", warn=lambda m: None)
     assert str(path) in str(ei.value) and "\n" not in str(ei.value)
 
 
@@ -254,7 +344,7 @@ def test_truncated_optimizer_and_meta_files(tmp_path):
     _save(d, 3)
     opt = d / "step_000003" / "optim_rank0.pt"
     opt.write_bytes(opt.read_bytes()[:100])
-    with pytest.raises(CheckpointError, match=r"corrupt or truncated .*optim_rank0\.pt"):
+    with pytest.raises(CheckpointError, match=r"damaged checkpoint file .*optim_rank0\.pt"):
         load_checkpoint(d, 3, "cpu")
     load_checkpoint(d, 3, "cpu", load_optimizer=False)  # the model alone still loads
     meta = d / "step_000003" / "meta.json"
@@ -319,7 +409,7 @@ def test_multi_rank_protocol_with_threads(tmp_path):
             tb.wait()
         try:
             save_checkpoint(d, 4, _model_state() if rank == 0 else None, _optim_state(seed=rank),
-                            _meta(4) if rank == 0 else None, rank=rank, world_size=world, barrier=barrier,
+                            resume_meta(4) if rank == 0 else None, rank=rank, world_size=world, barrier=barrier,
                             keep_last_k=2)
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
@@ -343,7 +433,7 @@ def test_multi_rank_protocol_with_threads(tmp_path):
     with pytest.raises(CheckpointError, match="no optimizer state for rank 2"):
         load_checkpoint(d, 4, "cpu", rank=2)
     with pytest.raises(ValueError, match="barrier"):
-        save_checkpoint(d, 5, _model_state(), _optim_state(), _meta(5), rank=0, world_size=2)
+        save_checkpoint(d, 5, _model_state(), _optim_state(), resume_meta(5), rank=0, world_size=2)
 
 
 def test_diff_model_config():
@@ -408,3 +498,247 @@ def test_resuming_from_an_earlier_step_sets_the_later_checkpoints_aside(tmp_path
     assert os.path.isdir(d / "abandoned_step_000800")
     # A second rewind past an already abandoned step keeps both copies.
     assert os.path.basename(set_aside_newer(d, 500)[0]) == "abandoned_step_000600.1"
+
+
+# ---------------------------------------------------------------------------------------------
+# content hashes
+
+
+def test_manifest_records_the_hash_of_every_file(tmp_path):
+    final = _save(tmp_path, 2)
+    done = json.loads(open(os.path.join(final, "DONE")).read())
+    files = sorted(n for n in os.listdir(final) if n != "DONE")
+    assert sorted(done["sha256"]) == files == ["meta.json", "model.pt", "optim_rank0.pt"]
+    for name in files:
+        assert done["sha256"][name] == hashlib.sha256(open(os.path.join(final, name), "rb").read()).hexdigest()
+
+
+def _flip(path, n_bytes, seed):
+    """Invert `n_bytes` distinct bytes of a file at seeded positions."""
+    data = bytearray(path.read_bytes())
+    g = torch.Generator().manual_seed(seed)
+    for i in torch.randperm(len(data), generator=g)[:n_bytes].tolist():
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name", ["model.pt", "optim_rank0.pt", "meta.json"])
+@pytest.mark.parametrize("n_bytes", [1, 16])
+def test_flipped_bytes_are_caught_and_the_file_named(tmp_path, name, n_bytes):
+    d = tmp_path / "ckpt"
+    _save(d, 4)
+    path = d / "step_000004" / name
+    for seed in range(3):   # several positions: header, tensor data, the end
+        _flip(path, n_bytes, seed)
+        with pytest.raises(CheckpointError) as ei:
+            load_checkpoint(d, 4, "cpu")
+        msg = str(ei.value)
+        assert msg.startswith(f"damaged checkpoint file {path}: its sha256") and "\n" not in msg
+        _flip(path, n_bytes, seed)   # flipping back restores the file
+        load_checkpoint(d, 4, "cpu")
+
+
+def test_generation_load_does_not_read_the_optimizer_shards(tmp_path):
+    d = tmp_path / "ckpt"
+    _save(d, 4)
+    _flip(d / "step_000004" / "optim_rank0.pt", 1, 0)
+    model, optim, _ = load_checkpoint(d, 4, "cpu", load_optimizer=False)
+    assert optim is None and torch.equal(model["wte.weight"], _model_state()["wte.weight"])
+
+
+def test_checkpoint_without_hashes_loads_with_one_warning_line(tmp_path, capsys):
+    d = tmp_path / "ckpt"
+    _save(d, 4)
+    _drop_hashes(d, 4)
+    model, optim, _ = load_checkpoint(d, 4, "cpu")
+    _assert_equal(model, _model_state())
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"WARNING: checkpoint {d / 'step_000004'} records no content hashes")
+    seen = []
+    load_checkpoint(d, 4, "cpu", warn=seen.append)   # callers can route it (e.g. to their log)
+    load_checkpoint(d, 4, "cpu", rank=1, warn=seen.append, load_optimizer=False)   # rank 0 only
+    assert len(seen) == 1 and not capsys.readouterr().err
+
+
+@pytest.mark.parametrize("done", ["[1, 2]", '{"step": 4, "sha256": {"model.pt": "xyz"}}', '{"world_size": "two"}'])
+def test_damaged_manifest_is_named(tmp_path, done):
+    d = tmp_path / "ckpt"
+    _save(d, 4)
+    (d / "step_000004" / "DONE").write_text(done)
+    with pytest.raises(CheckpointError, match=r"DONE: damaged checkpoint manifest"):
+        load_checkpoint(d, 4, "cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# the meta.json schema and the state files
+
+
+def _rewrite_meta(d, step, meta_or_text):
+    path = d / f"step_{step:06d}" / "meta.json"
+    path.write_text(meta_or_text if isinstance(meta_or_text, str) else json.dumps(meta_or_text))
+    _rehash(d, step, "meta.json")
+    return path
+
+
+def _without(key):
+    m = resume_meta(4)
+    del m[key]
+    return m
+
+
+@pytest.mark.parametrize("meta, needle", [
+    ({}, "missing 'step'; missing 'model_config'; missing 'loop_state'; missing 'rng'; missing 'dataloader_states'"),
+    (_without("loop_state"), "missing 'loop_state'"),
+    ({**resume_meta(4), "step": "abc"}, "'step' is 'abc', expected an integer >= 0"),
+    ({**resume_meta(4), "rng": {"cpu": "%%%not base64"}}, "'rng'.'cpu' is not valid base64"),
+    ({**resume_meta(4), "rng": {"cpu": "AAEC"}}, "'rng'.'cpu' decodes to 3 bytes"),
+    ({**resume_meta(4), "model_config": [2, 4]}, "'model_config' is a list, expected a non-empty object"),
+    ({**resume_meta(4), "loop_state": {**resume_meta(4)["loop_state"], "smooth_loss": "x"}},
+     "'loop_state'.'smooth_loss' is 'x', expected a number"),
+    ({**resume_meta(4), "loop_state": {"step": 1.5}}, "'loop_state'.'step' is 1.5, expected an integer >= 0"),
+    ({**resume_meta(4), "dataloader_states": {"0": 1}}, "'dataloader_states' is an object, expected a list"),
+    ({**resume_meta(4), "ema": [1]}, "'ema' is a list, expected an object or null"),
+    ({**resume_meta(4), "nonfinite_streak": -1}, "'nonfinite_streak' is -1, expected an integer >= 0"),
+    ({**resume_meta(4), "step": 5}, "'step' is 5, but the directory is step 4"),
+    ([1, 2], "the file holds a list, expected an object"),
+])
+def test_damaged_meta_is_one_line_naming_file_and_field(tmp_path, meta, needle):
+    d = tmp_path / "ckpt"
+    _save(d, 4)
+    path = _rewrite_meta(d, 4, meta)
+    with pytest.raises(CheckpointError) as ei:
+        load_checkpoint(d, 4, "cpu")
+    msg = str(ei.value)
+    assert msg.startswith(f"{path}: damaged checkpoint metadata: ") and needle in msg and "\n" not in msg
+
+
+def test_meta_tolerates_new_keys_and_generation_needs_only_the_model_config(tmp_path):
+    d = tmp_path / "ckpt"
+    _save(d, 4)
+    _rewrite_meta(d, 4, {**resume_meta(4), "schedule": {"name": "full_update"}, "loop": {"x": 1}, "new": [1]})
+    assert load_checkpoint(d, 4, "cpu")[2]["loop"] == {"x": 1}
+    _rewrite_meta(d, 4, {"model_config": {"n_layer": 2}})
+    load_checkpoint(d, 4, "cpu", load_optimizer=False)   # eval/generation: the resume keys are not needed
+    with pytest.raises(CheckpointError, match="missing 'loop_state'"):
+        load_checkpoint(d, 4, "cpu")
+    with pytest.raises(CheckpointError, match="missing 'model_config'"):
+        ck.validate_meta({"step": 1}, "m.json", required=("model_config",))
+    ck.validate_meta(resume_meta(4), "m.json")
+
+
+@pytest.mark.parametrize("name, obj, needle", [
+    ("model.pt", torch.zeros(3), "holds Tensor, expected a dict of parameter name -> tensor"),
+    ("model.pt", {"w": [1, 2]}, "entry 'w' is a list, expected a tensor"),
+    ("optim_rank0.pt", [1, 2], "holds a list, expected an optimizer state_dict"),
+    ("optim_rank0.pt", {"state": {}}, "'param_groups' is missing, expected a list"),
+])
+def test_state_files_of_the_wrong_kind_are_named(tmp_path, name, obj, needle):
+    d = tmp_path / "ckpt"
+    _save(d, 4)
+    path = d / "step_000004" / name
+    torch.save(obj, path)
+    _rehash(d, 4, name)
+    with pytest.raises(CheckpointError) as ei:
+        load_checkpoint(d, 4, "cpu")
+    assert str(ei.value).startswith(f"{path}: ") and needle in str(ei.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# the directory lock
+
+_HOLDER = textwrap.dedent("""
+    import sys
+    from nanochat.checkpoint import CheckpointError, lock_checkpoint_dir
+    try:
+        lock = lock_checkpoint_dir(sys.argv[1])
+    except CheckpointError as e:
+        print("ERROR", e, flush=True)
+        sys.exit(1)
+    print("LOCKED", flush=True)
+    if sys.argv[2] == "hold":
+        sys.stdin.read()   # hold until the test closes stdin
+""")
+
+
+def _locker(d, mode):
+    return subprocess.Popen([sys.executable, "-c", _HOLDER, str(d), mode], cwd=ck.__file__.rsplit("/nanochat/", 1)[0],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+@pytest.mark.skipif(ck.fcntl is None, reason="no flock on this platform")
+def test_a_second_run_on_the_same_dir_is_refused_with_the_holders_pid(tmp_path):
+    d = tmp_path / "ckpt"
+    holder = _locker(d, "hold")
+    try:
+        assert holder.stdout.readline().strip() == "LOCKED"
+        second = _locker(d, "try")
+        out, _ = second.communicate(timeout=60)
+        assert second.returncode == 1
+        assert out.strip() == (f"ERROR checkpoint dir {d} is in use by another run (pid {holder.pid}); "
+                               f"wait for it to finish, stop it, or use another model tag")
+        with pytest.raises(CheckpointError, match=f"pid {holder.pid}"):
+            ck.lock_checkpoint_dir(d)   # this process too
+    finally:
+        holder.communicate("", timeout=60)
+    assert holder.returncode == 0 and not (d / ".lock").exists()   # released at exit, file removed
+    lock = ck.lock_checkpoint_dir(d)
+    try:
+        assert lock.held and (d / ".lock").read_text().strip() == str(os.getpid())
+        assert ck.lock_checkpoint_dir(str(d)) is lock   # the holding process may ask again
+        other = _locker(d, "try")
+        assert other.communicate(timeout=60)[0].startswith(f"ERROR checkpoint dir {d} is in use by another run "
+                                                           f"(pid {os.getpid()})")
+    finally:
+        lock.release()
+    assert not (d / ".lock").exists()
+    lock.release()   # idempotent
+
+
+@pytest.mark.skipif(ck.fcntl is None, reason="no flock on this platform")
+def test_a_killed_holder_leaves_the_dir_free(tmp_path):
+    d = tmp_path / "ckpt"
+    holder = _locker(d, "hold")
+    assert holder.stdout.readline().strip() == "LOCKED"
+    holder.kill()
+    holder.wait()
+    holder.stdin.close()
+    holder.stdout.close()
+    assert (d / ".lock").exists()   # the stale file stays, its flock is gone
+    with ck.lock_checkpoint_dir(d) as lock:
+        assert lock.held
+    assert not (d / ".lock").exists()
+
+
+def test_no_flock_means_no_lock(tmp_path, monkeypatch):
+    monkeypatch.setattr(ck, "fcntl", None)
+    lock = ck.lock_checkpoint_dir(tmp_path / "ckpt")
+    assert not lock.held
+    lock.release()
+
+
+def test_lock_and_saves_share_the_dir(tmp_path):
+    d = tmp_path / "ckpt"
+    with ck.lock_checkpoint_dir(d):
+        for s in (1, 2, 3):
+            _save(d, s, keep_last_k=2)
+        assert sorted(os.listdir(d)) == [".lock", "step_000002", "step_000003"]
+
+
+# ---------------------------------------------------------------------------------------------
+# names
+
+
+@pytest.mark.parametrize("tag", ["d12", "my.run_2-b", "..x", None, ""])
+def test_plain_model_tags_pass(tag):
+    assert ck.model_tag_problem(tag) is None
+
+
+@pytest.mark.parametrize("tag", ["..", ".", "../..", "/abs/path", "a/b", "a\\b", "sp ace", "d12\n"])
+def test_path_like_model_tags_are_refused(tag):
+    assert "must be a plain directory name" in ck.model_tag_problem(tag)
+
+
+def test_format_mismatch():
+    lines = [f"line {i}" for i in range(10)]
+    assert ck.format_mismatch(lines[:2]) == "line 0; line 1"
+    assert ck.format_mismatch(lines, limit=3) == "line 0; line 1; line 2; ... and 7 more"
