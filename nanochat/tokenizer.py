@@ -8,10 +8,17 @@ here downloads anything (`tiktoken.get_encoding` would, so it is never used).
 Storage is `tokenizer.json` (never pickle: loading a pickle runs arbitrary code), plus
 `token_bytes.pt`, the per-token UTF-8 byte counts used to turn a loss in nats/token into
 bits per byte, a metric that does not depend on the vocabulary.
+
+Every failure a user can meet here (a missing, unreadable, damaged or tampered tokenizer file, a
+failed training or save) is a `TokenizerError` whose message is one line that names the file and,
+for stored files, says how to rebuild them (``python -m scripts.tok_train``). Entry points catch
+`TokenizerError` and print that line; nothing else escapes for bad files.
 """
 from __future__ import annotations
 
 import base64
+import contextlib
+import io
 import json
 import os
 from typing import Iterable
@@ -48,8 +55,13 @@ TOKEN_BYTES_PT = "token_bytes.pt"
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS) + 1  # at least one merge
 
 
+REBUILD = "rebuild it with python -m scripts.tok_train"
+
+
 class TokenizerError(Exception):
-    """Training failed, or a stored tokenizer is missing or malformed (the message names the file)."""
+    """Training or saving failed, or a stored tokenizer file (tokenizer.json, token_bytes.pt) is
+    missing, unreadable, damaged or unsafe. The message is one line naming the file and the fix;
+    callers catch this class (it is not a ValueError or OSError) and print the message."""
 
 
 class Tokenizer:
@@ -137,7 +149,10 @@ class Tokenizer:
     # -- storage ------------------------------------------------------------------------------
     def save(self, directory: str) -> str:
         """Write `tokenizer.json` and `token_bytes.pt` to `directory` (each via temp + rename)."""
-        os.makedirs(directory, exist_ok=True)
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as e:
+            raise TokenizerError(f"{directory}: cannot create it ({type(e).__name__}: {e.strerror or e})") from None
         ranks = sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1])
         payload = {
             "format_version": FORMAT_VERSION,
@@ -145,14 +160,11 @@ class Tokenizer:
             "mergeable_ranks": [[base64.b64encode(tok).decode("ascii"), rank] for tok, rank in ranks],
             "special_tokens": self.special_tokens,
         }
+        token_bytes = io.BytesIO()
+        torch.save(self.token_bytes(), token_bytes)
         path = os.path.join(directory, TOKENIZER_JSON)
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(payload, f)
-        os.replace(tmp, path)
-        tb_path = os.path.join(directory, TOKEN_BYTES_PT)
-        torch.save(self.token_bytes(), tb_path + ".tmp")
-        os.replace(tb_path + ".tmp", tb_path)
+        _write_file(path, json.dumps(payload).encode("utf-8"))
+        _write_file(os.path.join(directory, TOKEN_BYTES_PT), token_bytes.getvalue())
         return path
 
     @classmethod
@@ -164,19 +176,41 @@ class Tokenizer:
         try:
             with open(path, encoding="utf-8") as f:
                 payload = json.load(f)
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise TokenizerError(f"{path}: not valid JSON ({e})") from e
+        except OSError as e:
+            raise TokenizerError(f"{path}: unreadable ({type(e).__name__}: {e.strerror or e}); {REBUILD}") from None
+        except (UnicodeDecodeError, ValueError) as e:
+            raise TokenizerError(f"{path}: not valid JSON ({_first_line(e)}); {REBUILD}") from None
         ranks, specials, pattern = _validate_payload(payload, path)
         try:
             return cls(ranks, specials, pattern)
         except Exception as e:  # noqa: BLE001 (tiktoken raises plain ValueError for a bad regex etc.)
-            raise TokenizerError(f"{path}: tiktoken rejected it ({type(e).__name__}: {e})") from e
+            raise TokenizerError(f"{path}: tiktoken rejected it ({type(e).__name__}: {_first_line(e)}); "
+                                 f"{REBUILD}") from None
+
+
+def _write_file(path: str, data: bytes) -> None:
+    """Write via temp + rename, so a reader never sees half a file; an OSError (disk full, no
+    permission) removes the temp file and becomes a TokenizerError naming `path`."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise TokenizerError(f"{path}: could not write it ({type(e).__name__}: {e.strerror or e})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 def _validate_payload(payload, path: str) -> tuple[dict[bytes, int], dict[str, int], str]:
     """Check a parsed tokenizer.json; returns (ranks, specials, pattern) or raises naming `path`."""
     def bad(msg: str) -> TokenizerError:
-        return TokenizerError(f"{path}: malformed tokenizer file: {msg}")
+        return TokenizerError(f"{path}: malformed tokenizer file: {msg}; {REBUILD}")
 
     if not isinstance(payload, dict):
         raise bad("top level must be an object")
@@ -258,16 +292,23 @@ def get_tokenizer() -> Tokenizer:
     return Tokenizer.load(tokenizer_dir())
 
 
-def get_token_bytes(device: str | torch.device = "cpu") -> torch.Tensor:
-    """The saved token_bytes table (int32 [vocab]) on `device`."""
+def get_token_bytes(device: str | torch.device = "cpu", vocab_size: int | None = None) -> torch.Tensor:
+    """The saved token_bytes table (int32 [vocab]) on `device`; with `vocab_size` (the tokenizer's
+    or the model's) its length must match. Any problem is a one-line TokenizerError."""
+    from nanochat.checkpoint import CheckpointError, safe_torch_load  # noqa: PLC0415
+
     path = os.path.join(tokenizer_dir(), TOKEN_BYTES_PT)
     if not os.path.exists(path):
         raise TokenizerError(f"{path}: not found; train a tokenizer with python -m scripts.tok_train")
     try:
-        tb = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 (torch raises many types for a damaged file)
-        raise TokenizerError(f"{path}: unreadable ({type(e).__name__}: {e}); re-run python -m "
-                             f"scripts.tok_train") from e
+        tb = safe_torch_load(path, "cpu", kind="tokenizer")
+    except CheckpointError as e:   # truncated, garbage, or a pickle that would run code
+        raise TokenizerError(f"{e}; {REBUILD}") from None
     if not isinstance(tb, torch.Tensor) or tb.dim() != 1 or tb.dtype != torch.int32:
-        raise TokenizerError(f"{path}: expected a 1-D int32 tensor; re-run python -m scripts.tok_train")
+        raise TokenizerError(f"{path}: expected a 1-D int32 tensor of per-token byte counts; {REBUILD}")
+    if bool((tb < 0).any()):
+        raise TokenizerError(f"{path}: holds negative byte counts; {REBUILD}")
+    if vocab_size is not None and tb.numel() != vocab_size:
+        raise TokenizerError(f"{path}: has {tb.numel()} entries but the vocabulary has {vocab_size} tokens "
+                             f"(left from another tokenizer?); {REBUILD}")
     return tb.to(device)

@@ -135,3 +135,57 @@ def test_rustbpe_panic_becomes_clear_error(monkeypatch):
     monkeypatch.setattr(rustbpe, "Tokenizer", PanickingBPE)
     with pytest.raises(TokenizerError, match="rustbpe training failed.*index out of bounds"):
         train_tokenizer(iter(["hello"]), 300)
+
+
+# -----------------------------------------------------------------------------
+# damaged files: one line naming the file and the way to rebuild it
+
+
+def _one_line_naming(e, path):
+    msg = str(e.value)
+    assert str(path) in msg and "python -m scripts.tok_train" in msg and "\n" not in msg, msg
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda p: p.unlink(), "not found"),
+    (lambda p: p.write_bytes(p.read_bytes()[:40]), "corrupt or truncated tokenizer file"),
+    (lambda p: p.write_bytes(b"\x00garbage" * 50), "corrupt or truncated tokenizer file|not a plain tensor tokenizer file"),
+    (lambda p: torch.save([1, 2, 3], p), "expected a 1-D int32 tensor"),
+    (lambda p: torch.save(torch.zeros(VOCAB, dtype=torch.int64), p), "expected a 1-D int32 tensor"),
+    (lambda p: torch.save(torch.full((VOCAB,), -1, dtype=torch.int32), p), "negative byte counts"),
+    (lambda p: torch.save(torch.ones(7, dtype=torch.int32), p), f"has 7 entries but the vocabulary has {VOCAB}"),
+])
+def test_damaged_token_bytes(tok, base_dir, damage, needle):
+    tok.save(str(base_dir / "tokenizer"))
+    path = base_dir / "tokenizer" / "token_bytes.pt"
+    damage(path)
+    with pytest.raises(TokenizerError, match=needle) as e:
+        get_token_bytes(vocab_size=VOCAB)
+    _one_line_naming(e, path)
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda p: p.write_bytes(b"\xff\xfe\x00binary"), "not valid JSON"),
+    (lambda p: p.write_text('{"format_version": 1, "pattern": '), "not valid JSON"),
+    (lambda p: (p.unlink(), p.mkdir()), "unreadable"),
+    (lambda p: p.write_text("[]"), "malformed tokenizer file"),
+])
+def test_damaged_tokenizer_json(tok, base_dir, damage, needle):
+    tok.save(str(base_dir / "tokenizer"))
+    path = base_dir / "tokenizer" / "tokenizer.json"
+    damage(path)
+    with pytest.raises(TokenizerError, match=needle) as e:
+        get_tokenizer()
+    _one_line_naming(e, path)
+
+
+def test_save_on_a_full_disk_is_one_error_and_leaves_no_temp_file(tok, tmp_path, monkeypatch):
+    import errno
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(TokenizerError, match=r"tokenizer\.json: could not write it \(OSError: No space left on device\)"):
+        tok.save(str(tmp_path))
+    assert os.listdir(tmp_path) == []
