@@ -26,8 +26,9 @@
 #   EVAL_EVERY        intermediate evals (steps) for each arm's time to the best baseline's final val
 #                     bpb; the final eval always runs
 #   COMPILE_CACHE     default per_run here: compile is inside the budget, so every arm compiles cold
-#   DEPTH, NUM_ITERATIONS, FULL_/DYNAMIC_NUM_ITERATIONS, DYNAMIC_TIME_BUDGET_SEC and DYN_* are refused
-#   (each arm states its depth and flags). Run ids: <arm>_t<budget>_s<seed>.
+#   DEPTH, NUM_ITERATIONS, FULL_/DYNAMIC_NUM_ITERATIONS, DYNAMIC_TIME_BUDGET_SEC and the schedule
+#   variables DYN_* / DROP_* / GROWTH_* are refused (each arm states its depth and flags). Run ids:
+#   <arm>_t<budget>_s<seed>.
 #
 # TWO-ARM (neither set): full_update vs dynamic_suffix of one config, one or more seeds per arm.
 #   TIME_BUDGET_SEC=190 SEEDS="42 43 44" bash runs/dynamic_suffix_compare.sh             # equal wall-clock budget
@@ -184,6 +185,7 @@ declare -A instead=([SEED]=SEEDS [MODEL_TAG]="(set per run)" [METRICS_FILE]="(se
 for v in SEED MODEL_TAG METRICS_FILE LOG_FILE USE_FP8 FP8_BACKEND FP8_RECIPE BLOCK_UPDATE_SCHEDULE; do
   [[ -z "${!v:-}" ]] || bad "$v is set; the compare script sets it per run, use ${instead[$v]} (unset $v)"
 done
+SCHEDULE_VARS='^(DYN|DROP|GROWTH)_'  # speedrun_small.sh's variables of one block-update schedule
 RUN_FLAGS_RE='^--(seed|model-tag|metrics-file|num-iterations|time-budget-sec|eval-every|eval-tokens|resume-from-step|resume-latest)(=|$)'
 LR_FLAGS_RE='^--(warmup-ratio|warmdown-ratio|final-lr-frac)(=|$)'
 read -r -a extra_args <<< "${BASE_TRAIN_EXTRA_ARGS:-}"
@@ -207,7 +209,7 @@ if (( FRONTIER )); then
   done
   while IFS= read -r v; do
     bad "$v is set; in frontier mode schedule flags belong to an arm: ARMS=\"name:--depth=N --block-update-schedule=... --dyn-...\" (unset $v)"
-  done < <(compgen -e | grep '^DYN_' || true)
+  done < <(compgen -e | grep -E "$SCHEDULE_VARS" || true)
   read -r -a depth_list <<< "$BASELINE_DEPTHS"
   unique_list BASELINE_DEPTHS "an integer >= 1" is_depth "${depth_list[@]}"
   for d in "${depth_list[@]}"; do
@@ -247,6 +249,9 @@ if (( FRONTIER )); then
   fi
   export EVAL_TOKENS
 else
+  while IFS= read -r v; do
+    [[ "$v" == DYN_* ]] || bad "$v is set; the two-arm mode compares dynamic_suffix with full_update: give other schedules' flags to a frontier arm (ARMS) (unset $v)"
+  done < <(compgen -e | grep -E "$SCHEDULE_VARS" || true)
   [[ -z "$BUDGET_FRACTION" ]] || bad "BUDGET_FRACTION needs frontier mode (ARMS / BASELINE_DEPTHS)"
   (( ${#BUDGETS[@]} <= 1 )) || bad "TIME_BUDGET_SEC=\"$TIME_BUDGET_SEC\": several budgets need frontier mode (ARMS / BASELINE_DEPTHS)"
   for v in FULL_NUM_ITERATIONS DYNAMIC_NUM_ITERATIONS; do

@@ -20,7 +20,7 @@ RUNNER = os.path.join(ROOT, "runs", "dynamic_suffix_compare.sh")
 LEAKY = re.compile(r"^(DYN_|SEED|SEEDS|MODEL_TAG|METRICS_FILE|LOG_FILE|USE_FP8|FP8_|BLOCK_UPDATE_SCHEDULE|"
                    r"NUM_ITERATIONS|FULL_NUM_ITERATIONS|DYNAMIC_NUM_ITERATIONS|TIME_BUDGET_SEC|"
                    r"DYNAMIC_TIME_BUDGET_SEC|EVAL_|ARMS|BASELINE_DEPTHS|BUDGET_FRACTION|ALLOW_|RECORD_DIR|"
-                   r"COMPILE_CACHE|MAX_RUNS|RESUME|REPORT|"
+                   r"COMPILE_CACHE|MAX_RUNS|RESUME|REPORT|DROP_|GROWTH_|"
                    r"BASE_TRAIN_EXTRA_ARGS|RESULTS_DIR|WARMUP_STEPS|KEEP_CHECKPOINTS|DRY_RUN|SKIP_SETUP|"
                    r"PREPARE_DATA|DEPTH|NPROC_PER_NODE)")
 
@@ -790,6 +790,8 @@ def test_dry_run_per_run_compile_caches(tmp_path):
      "would evaluate different numbers of val tokens"),
     ({"BASELINE_DEPTHS": "2", "TIME_BUDGET_SEC": "30", "DEPTH": "4"}, "DEPTH is set"),
     ({"BASELINE_DEPTHS": "2", "TIME_BUDGET_SEC": "30", "DYN_WARMUP_STEPS": "5"}, "schedule flags belong to an arm"),
+    ({"BASELINE_DEPTHS": "2", "TIME_BUDGET_SEC": "30", "DROP_RATE_START": "0.5"}, "DROP_RATE_START is set"),
+    ({"GROWTH_AT": "0.3"}, "give other schedules' flags to a frontier arm"),
     ({"BASELINE_DEPTHS": "2", "TIME_BUDGET_SEC": "30", "BUDGET_FRACTION": "0.8"}, "BUDGET_FRACTION needs feature arms"),
     ({"BASELINE_DEPTHS": "2", "TIME_BUDGET_SEC": "30", "ARMS": "a:--depth=2", "BUDGET_FRACTION": "1"},
      "BUDGET_FRACTION: '1'"),
