@@ -39,20 +39,23 @@ class TrainState:
     total_training_time: float = 0.0
     nonfinite_skipped: int = 0  # steps skipped for a non-finite loss, over all resumes
     nonfinite_streak: int = 0  # bad steps in a row up to now (--skip-nonfinite-steps counts across a resume)
+    loss_ema_updates: int = 0  # values folded into smooth_loss: the debiasing divisor is 1 - 0.9**this
 
     def record_loss(self, step: int, loss: float) -> float:
         """Fold step `step`'s train loss into the EMA; return the debiased EMA."""
         self.smooth_loss = 0.9 * self.smooth_loss + 0.1 * loss
-        return self.smooth_loss / (1 - 0.9 ** (step + 1))
+        self.loss_ema_updates += 1
+        return self.smooth_loss / (1 - 0.9 ** self.loss_ema_updates)
 
     def record_skipped_loss(self, step: int) -> None:
-        """A skipped (non-finite) step feeds the EMA its own debiased value, so the debiasing by
-        step count stays exact."""
-        if step > 0:
-            self.smooth_loss = 0.9 * self.smooth_loss + 0.1 * self.smooth_loss / (1 - 0.9 ** step)
+        """A skipped (non-finite) step feeds the EMA its own debiased value, so the EMA keeps one
+        update per step; before any value exists there is nothing to feed."""
+        if self.loss_ema_updates > 0:
+            self.smooth_loss = 0.9 * self.smooth_loss + 0.1 * self.smooth_loss / (1 - 0.9 ** self.loss_ema_updates)
+            self.loss_ema_updates += 1
 
     def loss_ema(self) -> float | None:
-        return self.smooth_loss / (1 - 0.9 ** self.step) if self.step > 0 else None
+        return self.smooth_loss / (1 - 0.9 ** self.loss_ema_updates) if self.loss_ema_updates > 0 else None
 
     def record_eval(self, val_bpb: float) -> None:
         self.val_bpb = val_bpb
@@ -71,6 +74,7 @@ class TrainState:
         """The state of a checkpoint's metadata. Checkpoints written before the loop state held the
         step and the non-finite counters kept them beside it; those are read too."""
         d = {k: meta[k] for k in ("nonfinite_skipped", "nonfinite_streak") if k in meta}
+        d["loss_ema_updates"] = meta["step"]  # one update per step, unless the state says otherwise
         return cls.from_state_dict({**d, **meta["loop_state"], "step": meta["step"]})
 
 

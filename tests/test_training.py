@@ -423,10 +423,6 @@ def test_dynamic_suffix_load_checkpoint_meta_old_and_new_formats():
         BlockSchedule(ctx).load_checkpoint_meta({"schedule": sched.state_dict()})
 
 
-@pytest.mark.xfail(strict=True, reason="bug: DynamicSuffixSchedule.load_checkpoint_meta with the old format restores "
-                                       "the controller and last_recorded_step but not BlockSchedule's counters "
-                                       "(steps, sum_trained, full_steps): the summary's schedule_stats then cover "
-                                       "only the steps after the resume, disagreeing with the dynamic_suffix stats")
 def test_dynamic_suffix_old_format_resume_keeps_the_whole_runs_schedule_stats():
     ctx = ScheduleContext(model=None, n_layer=N_LAYER, num_iterations=10)
     sched = dynamic_suffix(ctx)

@@ -82,7 +82,10 @@ class DynamicSuffixSchedule(BlockSchedule):
     def load_checkpoint_meta(self, meta: dict) -> None:
         # Checkpoints written before the schedule interface kept the controller's state alone.
         if not meta.get("schedule") and meta.get("dynamic_suffix"):
-            self.controller.load_state_dict(meta["dynamic_suffix"])
-            self.last_recorded_step = self.controller.last_recorded_step
+            ctl = self.controller
+            ctl.load_state_dict(meta["dynamic_suffix"])
+            self.last_recorded_step = ctl.last_recorded_step
+            self.steps, self.sum_trained = ctl.steps_recorded, ctl.sum_active_all
+            self.full_steps = sum(ctl.full_steps.values()) + ctl.suffix_hist[self.n_layer]
         else:
             super().load_checkpoint_meta(meta)
