@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import fields
 
 import torch
@@ -229,6 +230,31 @@ class Engine:
         return out
 
 
+def stream_text(engine: Engine, tokens: list[int], max_tokens: int, stop_tokens: tuple[int, ...] = (),
+                **kwargs) -> Iterator[tuple[list[int], str]]:
+    """One sample's new tokens as (token ids, their text) pieces, as `Engine.generate` yields them,
+    so a caller can print each piece at once; stops before the first stop token. `kwargs` go to
+    `generate`.
+
+    A byte-level BPE token can end inside a multi-byte UTF-8 character whose other bytes come with
+    the next token; decoded alone it would print U+FFFD. So the tokens not yet shown are decoded
+    together and held back while their text ends in U+FFFD (at most 8 tokens: a sequence that
+    never completes is shown as is). For valid UTF-8 the texts join to `decode` of all new tokens."""
+    stops = set(stop_tokens)
+    pending: list[int] = []
+    for col in engine.generate(tokens, max_tokens, num_samples=1, stop_tokens=stop_tokens, **kwargs):
+        token = int(col[0])
+        if token in stops:
+            break
+        pending.append(token)
+        text = engine.tokenizer.decode(pending)
+        if not text.endswith("\ufffd") or len(pending) >= 8:
+            yield pending, text
+            pending = []
+    if pending:
+        yield pending, engine.tokenizer.decode(pending)
+
+
 # -----------------------------------------------------------------------------
 # Samples during training
 
@@ -261,19 +287,59 @@ def sample_prompts(model, tokenizer, prompts=SAMPLE_PROMPTS, max_tokens: int = 1
 # Loading a trained model (scripts/base_eval.py, scripts/generate.py)
 
 
+def _model_tags(root: str) -> list[str]:
+    """The directories under `root` that hold at least one complete checkpoint."""
+    from nanochat.checkpoint import find_complete_steps  # noqa: PLC0415
+
+    names = os.listdir(root) if os.path.isdir(root) else []
+    return sorted(t for t in names if find_complete_steps(os.path.join(root, t)))
+
+
 def resolve_model_dir(model_tag: str | None) -> str:
-    """<base>/base_checkpoints/<model_tag>; without a tag, the most recently written model dir."""
-    from nanochat.checkpoint import CheckpointError, find_complete_steps  # noqa: PLC0415
+    """<base>/base_checkpoints/<model_tag>; without a tag, the most recently written model dir.
+    A tag that is not a plain name (see checkpoint.model_tag_problem) is a CheckpointError."""
+    from nanochat.checkpoint import CheckpointError, model_tag_problem  # noqa: PLC0415
     from nanochat.common import get_base_dir  # noqa: PLC0415
 
+    if problem := model_tag_problem(model_tag):
+        raise CheckpointError(problem)
     root = os.path.join(get_base_dir(), "base_checkpoints")
     if model_tag:
         return os.path.join(root, model_tag)
-    tags = [t for t in (os.listdir(root) if os.path.isdir(root) else [])
-            if find_complete_steps(os.path.join(root, t))]
+    tags = _model_tags(root)
     if not tags:
         raise CheckpointError(f"no trained model under {root}; train one with python -m scripts.base_train")
     return os.path.join(root, max(tags, key=lambda t: os.path.getmtime(os.path.join(root, t))))
+
+
+def _config_from_meta(meta: dict, meta_path: str):
+    """The GPTConfig a checkpoint's meta.json describes; a CheckpointError naming the field if a
+    value could not have come from training (so building the model cannot fail obscurely)."""
+    from nanochat.checkpoint import CheckpointError  # noqa: PLC0415
+    from nanochat.gpt import GPTConfig, validate_window_pattern  # noqa: PLC0415
+
+    saved = meta["model_config"]
+    problems = []
+    for f in fields(GPTConfig):
+        if f.name not in saved:
+            continue
+        v = saved[f.name]
+        if isinstance(f.default, str):
+            ok = isinstance(v, str) and validate_window_pattern(v) is None
+        elif isinstance(f.default, float):
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+        else:
+            ok = isinstance(v, int) and not isinstance(v, bool) and v > 0
+        if not ok:
+            problems.append(f"'model_config'.'{f.name}' is {v!r}")
+    if not problems:
+        config = GPTConfig(**{f.name: saved[f.name] for f in fields(GPTConfig) if f.name in saved})
+        if config.n_embd % config.n_head or config.n_head % config.n_kv_head:
+            problems.append(f"'model_config' has n_embd {config.n_embd}, n_head {config.n_head}, n_kv_head "
+                            f"{config.n_kv_head}: heads must divide evenly")
+    if problems:
+        raise CheckpointError(f"{meta_path}: damaged checkpoint metadata: " + "; ".join(problems))
+    return config
 
 
 def load_model(model_tag: str | None, step: int, device: torch.device, use_ema: bool = True):
@@ -282,19 +348,21 @@ def load_model(model_tag: str | None, step: int, device: torch.device, use_ema: 
     `step` -1 = the latest complete step. With `use_ema` and EMA tensors in the checkpoint, the EMA
     weights are loaded (weights_name 'ema'), else the raw weights ('model')."""
     from nanochat.attention import select_attention_backend  # noqa: PLC0415
-    from nanochat.checkpoint import CheckpointError, latest_complete_step, load_checkpoint  # noqa: PLC0415
+    from nanochat.checkpoint import (META_FILE, CheckpointError, check_state_dict_keys,  # noqa: PLC0415
+                                     format_mismatch, latest_complete_step, load_checkpoint, step_dir)
     from nanochat.ema import split_ema_state  # noqa: PLC0415
-    from nanochat.gpt import GPT, GPTConfig  # noqa: PLC0415
+    from nanochat.gpt import GPT  # noqa: PLC0415
 
     model_dir = resolve_model_dir(model_tag)
     if step < 0:
         step = latest_complete_step(model_dir)
         if step is None:
-            raise CheckpointError(f"no complete checkpoint in {model_dir}")
-    state, _, meta = load_checkpoint(model_dir, step, device, load_optimizer=False)
+            tags = _model_tags(os.path.dirname(model_dir))
+            raise CheckpointError(f"no complete checkpoint in {model_dir}; model tags with checkpoints: "
+                                  f"{', '.join(tags) or 'none'}")
+    state, _, meta = load_checkpoint(model_dir, step, device, load_optimizer=False, require_meta=("model_config",))
     state, ema_state = split_ema_state(state)
-    known = {f.name for f in fields(GPTConfig)}
-    config = GPTConfig(**{k: v for k, v in meta["model_config"].items() if k in known})
+    config = _config_from_meta(meta, os.path.join(step_dir(model_dir, step), META_FILE))
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device=device)
@@ -303,6 +371,9 @@ def load_model(model_tag: str | None, step: int, device: torch.device, use_ema: 
     if use_ema and ema_state:
         state = {k: ema_state[k].to(state[k].dtype) if k in ema_state else v for k, v in state.items()}
         weights = "ema"
+    if mismatch := check_state_dict_keys(state, model):
+        raise CheckpointError(f"checkpoint {model_dir} step {step} does not match the model its meta.json "
+                              f"describes: {format_mismatch(mismatch)}")
     model.load_state_dict(state, strict=True)
     device_type = torch.device(device).type
     model.compute_dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
@@ -314,24 +385,24 @@ def load_model(model_tag: str | None, step: int, device: torch.device, use_ema: 
 
 
 def setup_inference(device_type: str, model_tag: str | None, step: int, use_ema: bool):
-    """What scripts/base_eval.py and scripts/generate.py both need, with every expected failure
-    turned into one `UsageError` line: compute init, autocast, tokenizer, checkpoint -> model.
+    """What scripts/base_eval.py and scripts/generate.py both need: compute init, autocast,
+    tokenizer, checkpoint -> model.
 
-    Returns (device, world_size, autocast_ctx, tokenizer, model, meta, weights_name)."""
+    Returns (device, world_size, autocast_ctx, tokenizer, model, meta, weights_name). Expected
+    failures are one-line exceptions for the scripts to print: `UsageError` for a request that
+    cannot work here (exit 2), `CheckpointError` / `TokenizerError` for missing or damaged files and
+    a checkpoint that does not fit the tokenizer (exit 1)."""
     from contextlib import nullcontext  # noqa: PLC0415
 
     from nanochat.checkpoint import CheckpointError  # noqa: PLC0415
-    from nanochat.common import UsageError, autodetect_device_type, compute_init  # noqa: PLC0415
-    from nanochat.tokenizer import TokenizerError, get_tokenizer  # noqa: PLC0415
+    from nanochat.common import autodetect_device_type, compute_init  # noqa: PLC0415
+    from nanochat.tokenizer import get_tokenizer  # noqa: PLC0415
     device_type = device_type or autodetect_device_type()
     _, _, _, world_size, device = compute_init(device_type)
     autocast_ctx = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
-    try:
-        tokenizer = get_tokenizer()
-        model, meta, weights = load_model(model_tag, step, device, use_ema=use_ema)
-    except (CheckpointError, TokenizerError) as e:
-        raise UsageError(str(e)) from None
+    tokenizer = get_tokenizer()
+    model, meta, weights = load_model(model_tag, step, device, use_ema=use_ema)
     if model.config.vocab_size != tokenizer.get_vocab_size():
-        raise UsageError(f"the checkpoint's vocab_size {model.config.vocab_size} differs from the tokenizer's "
-                         f"{tokenizer.get_vocab_size()}: use the tokenizer the model was trained with")
+        raise CheckpointError(f"the checkpoint's vocab_size {model.config.vocab_size} differs from the tokenizer's "
+                              f"{tokenizer.get_vocab_size()}: use the tokenizer the model was trained with")
     return device, world_size, autocast_ctx, tokenizer, model, meta, weights

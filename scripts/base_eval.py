@@ -2,7 +2,11 @@
 
     python -m scripts.base_eval --model-tag=d12                     # latest step, bpb + CORE
     python -m scripts.base_eval --model-tag=d12 --step=520 --evals=core --core-max-per-task=500
+    python -m scripts.base_eval --model-tag=d12 --eval=core,bpb --max-per-task=100 --split-tokens=524288
     torchrun --nproc_per_node=2 -m scripts.base_eval --model-tag=d12
+
+Upstream nanochat's spellings work too: --eval (= --evals), --max-per-task (= --core-max-per-task)
+and --split-tokens (= --eval-tokens; bpb here is measured on the val split only).
 
 The model is rebuilt from the checkpoint's meta.json and loaded with nanochat.checkpoint (never
 executing code); when the checkpoint holds a weight EMA it is evaluated unless --no-ema. It runs
@@ -13,41 +17,45 @@ and its time, so runs can be compared by script.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 
 import torch
 
+from nanochat.checkpoint import CheckpointError, model_tag_problem
 from nanochat.common import UsageError, compute_cleanup, get_dist_info, print0
+from nanochat.dataset import DataError
+from nanochat.tokenizer import TokenizerError
+from nanochat.usage import OneLineParser, die, fail
 
 EVALS = ("bpb", "core", "sample")
+PROG = "python -m scripts.base_eval"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m scripts.base_eval", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser() -> OneLineParser:
+    p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                      epilog="nanochat spellings: --eval = --evals, --max-per-task = --core-max-per-task, "
+                             "--split-tokens = --eval-tokens (val split only).")
     p.add_argument("--model-tag", type=str, default=None,
-                   help="checkpoint directory under base_checkpoints (default: the most recently written one)")
+                   help="checkpoint directory name under base_checkpoints (none: the most recently written one)")
     p.add_argument("--step", type=int, default=-1, help="checkpoint step (-1 = latest complete)")
-    p.add_argument("--evals", type=str, default="bpb,core", help=f"comma-separated subset of {','.join(EVALS)}")
+    p.add_argument("--evals", "--eval", dest="evals", type=str, default="bpb,core",
+                   help=f"comma-separated subset of {','.join(EVALS)} (--eval: nanochat's name)")
     p.add_argument("--device-type", type=str, default="", help="cuda | cpu | mps; empty = autodetect")
     p.add_argument("--device-batch-size", type=int, default=32, help="sequences per forward for val bpb")
-    p.add_argument("--eval-tokens", type=int, default=40 * 524288, help="validation tokens for bpb")
-    p.add_argument("--core-max-per-task", type=int, default=-1, help="examples per CORE task (-1 = all)")
+    p.add_argument("--eval-tokens", "--split-tokens", dest="eval_tokens", type=int, default=40 * 524288,
+                   help="validation tokens for bpb (--split-tokens: nanochat's name)")
+    p.add_argument("--core-max-per-task", "--max-per-task", dest="core_max_per_task", type=int, default=-1,
+                   help="examples per CORE task (-1 = all; --max-per-task: nanochat's name)")
     p.add_argument("--bundle-dir", type=str, default="", help="CORE eval bundle directory (empty = $NANOCHAT_BASE_DIR/eval_bundle)")
     p.add_argument("--no-ema", action="store_true", help="evaluate the raw weights even if the checkpoint has a weight EMA")
     return p
 
 
-def fail(problems: list[str]) -> None:
-    print("base_eval: error: " + "; ".join(problems), file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
 def validate_args(args) -> list[str]:
     problems = []
+    if problem := model_tag_problem(args.model_tag):
+        problems.append(problem)
     evals = [e.strip() for e in args.evals.split(",") if e.strip()]
     bad = [e for e in evals if e not in EVALS]
     if bad or not evals:
@@ -69,15 +77,21 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     problems = validate_args(args)
     if problems:
-        fail(problems)
+        fail(problems, PROG)
+    try:
+        return run(args)
+    except UsageError as e:
+        fail([str(e)], PROG)
+    except (CheckpointError, TokenizerError, DataError) as e:
+        die(str(e), PROG)
+
+
+def run(args) -> dict:
     evals = [e.strip() for e in args.evals.split(",") if e.strip()]
     from nanochat.engine import eval_mode, setup_inference  # noqa: PLC0415
     from nanochat.tokenizer import get_token_bytes  # noqa: PLC0415
-    try:
-        device, world_size, autocast_ctx, tokenizer, model, meta, weights = setup_inference(
-            args.device_type, args.model_tag, args.step, use_ema=not args.no_ema)
-    except UsageError as e:
-        fail([str(e)])
+    device, world_size, autocast_ctx, tokenizer, model, meta, weights = setup_inference(
+        args.device_type, args.model_tag, args.step, use_ema=not args.no_ema)
     ddp, rank = world_size > 1, get_dist_info()[1]
     seq_len = model.config.sequence_len
     print0(f"base_eval: {meta['model_dir']} step {meta['step']} ({weights} weights), device {device}, evals {evals}")
@@ -91,7 +105,7 @@ def main(argv=None):
                                    rank=rank, world_size=world_size)
         t0 = time.time()
         with eval_mode(model):
-            bpb = evaluate_bpb(model, loader, steps, get_token_bytes(device=device), autocast_ctx)
+            bpb = evaluate_bpb(model, loader, steps, get_token_bytes(device=device, vocab_size=tokenizer.get_vocab_size()), autocast_ctx)
         result.update(val_bpb=bpb, val_tokens=steps * args.device_batch_size * seq_len * world_size,
                       bpb_seconds=time.time() - t0)
         print0(f"val bpb {bpb:.4f} on {result['val_tokens']:,} tokens in {result['bpb_seconds']:.1f}s")

@@ -8,7 +8,6 @@ tokenizer.json and token_bytes.pt, then reports bytes per token on train and val
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -16,10 +15,13 @@ import time
 from nanochat.common import get_base_dir, print0
 from nanochat.dataset import DataError, iter_texts, resolve_data_dir
 from nanochat.tokenizer import MIN_VOCAB_SIZE, TokenizerError, train_tokenizer
+from nanochat.usage import OneLineParser, die, fail
+
+PROG = "python -m scripts.tok_train"
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Train the BPE tokenizer (rustbpe) on the train split.")
+    parser = OneLineParser(prog=PROG, description="Train the BPE tokenizer (rustbpe) on the train split.")
     parser.add_argument("--max-chars", type=int, default=2_000_000_000,
                         help="stop reading training text after this many characters")
     parser.add_argument("--doc-cap", type=int, default=10_000,
@@ -48,8 +50,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     problems = validate_args(args)
     if problems:
-        print(f"tok_train: error: {'; '.join(problems)}", file=sys.stderr)
-        return 2
+        fail(problems, PROG)
     print0(f"tok_train args: {vars(args)}")
 
     try:
@@ -86,8 +87,11 @@ def main(argv=None) -> int:
             print0(f"Compression on {split} ({n_bytes:,} bytes): {n_bytes / max(1, n_tokens):.3f} "
                    f"bytes/token ({n_tokens:,} tokens)")
     except (DataError, TokenizerError) as e:
-        print(f"tok_train: error: {e}", file=sys.stderr)
-        return 1
+        die(str(e), PROG)
+    except ModuleNotFoundError as e:   # rustbpe is only needed here, and some GPU boxes lack it
+        if e.name != "rustbpe":
+            raise
+        die("training the tokenizer needs rustbpe, which is not installed: pip install rustbpe", PROG)
     return 0
 
 

@@ -96,6 +96,22 @@ def test_sample_next_token_filters():
     assert set(sample_next_token(logits, g, 1.0).flatten().tolist()) == {0, 1, 2, 3}
 
 
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    # softmax([0, 3, 1, 2]) = [0.032, 0.644, 0.087, 0.237]: by mass 1, 3, 2, 0
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]]).repeat(400, 1)
+    assert set(sample_next_token(logits, g, 1.0, top_p=0.9).flatten().tolist()) == {1, 2, 3}   # 0.968 > 0.9
+    assert set(sample_next_token(logits, g, 1.0, top_p=1.0).flatten().tolist()) == {0, 1, 2, 3}   # no filter
+    assert set(sample_next_token(logits, g, 1.0, top_k=2, top_p=0.9).flatten().tolist()) == {1, 3}   # k first
+    # the kept tokens are sampled in proportion to their renormalised probabilities
+    kept = sample_next_token(logits, g, 1.0, top_p=0.8).flatten()
+    assert abs((kept == 1).float().mean().item() - 0.644 / 0.881) < 0.08
+    # rows are filtered independently
+    mixed = torch.tensor([[0.0, 9.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    out = torch.stack([sample_next_token(mixed, g, 1.0, top_p=0.5)[:, 0] for _ in range(100)])
+    assert set(out[:, 0].tolist()) == {1} and len(set(out[:, 1].tolist())) > 1
+
+
 def test_uncompiled_and_eval_mode_restore_everything():
     m = make_model()
     m.train()
@@ -192,4 +208,4 @@ def test_base_eval_script(trained):
     assert 0 < result["val_bpb"] < 20 and set(result["core_centered"]) == {"mc", "schema", "lm"}
     assert result["core"] == pytest.approx(sum(result["core_centered"].values()) / 3)
     missing = run(["-m", "scripts.base_eval", "--model-tag=nope"], base, check=False)
-    assert missing.returncode == 2 and "no complete checkpoint" in missing.stderr
+    assert missing.returncode == 1 and "no complete checkpoint" in missing.stderr   # a missing file: exit 1
