@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import difflib
 import functools
+import importlib.util
 import json
 import math
 import os
@@ -291,7 +292,12 @@ class Fp8Flags(_Flags):
         return Fp8Options.from_args(self)
 
     def validate(self) -> list[str]:
-        return validate_fp8_options(self.options())
+        problems = validate_fp8_options(self.options())
+        # a missing optional package is found here, before the model is built, not as an ImportError mid-setup
+        if self.fp8 and self.fp8_backend == "torchao" and importlib.util.find_spec("torchao") is None:
+            problems.append("--fp8-backend=torchao needs torchao, which is not installed: pip install \"torchao>=0.17\" "
+                            "(or pip install -e \".[fp8]\"), or use --fp8-backend=custom")
+        return problems
 
 
 @dataclass

@@ -67,7 +67,8 @@ if [[ "$SKIP_SETUP" == 0 && "$DRY_RUN" == 0 ]]; then
   # Before 0.2.0 the distribution was called nanochat: drop that name's editable install of this
   # checkout, or two distributions would claim the one `nanochat` package.
   if pip show nanochat 2>/dev/null | grep -qxF "Editable project location: $PWD"; then pip uninstall -y -q nanochat; fi
-  pip install -q -e ".[dev]"
+  # torchao is the optional FP8 backend: installed only when this run asks for it
+  if [[ "${USE_FP8:-0}" == 1 && "${FP8_BACKEND:-custom}" == torchao ]]; then pip install -q -e ".[dev,fp8]"; else pip install -q -e ".[dev]"; fi
   if [[ "$has_gpu" == 1 ]]; then
     # cuDNN's native sliding-window attention for --window-pattern with S layers (the `cudnn` attention
     # backend; throughput.md section 13). --no-deps: its torch op needs only cuDNN, which torch ships.

@@ -199,3 +199,14 @@ def test_validate_args_takes_any_flat_namespace():
     ns = argparse.Namespace(**vars(TrainConfig().to_args()))
     ns.depth = 0
     assert validate_args(ns) == ["--depth=0 must be >= 1"]
+
+
+def test_torchao_backend_without_torchao_is_one_line_before_anything_is_built(monkeypatch):
+    import importlib.util
+
+    from nanochat.config import build_parser, validate_args
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a))
+    problems = validate_args(build_parser().parse_args(["--fp8", "--fp8-backend=torchao"]))
+    assert len(problems) == 1 and "pip install" in problems[0] and "--fp8-backend=custom" in problems[0]
+    assert validate_args(build_parser().parse_args(["--fp8"])) == []  # the custom backend needs nothing more
