@@ -105,7 +105,8 @@ def run(args) -> dict:
                                    rank=rank, world_size=world_size)
         t0 = time.time()
         with eval_mode(model):
-            bpb = evaluate_bpb(model, loader, steps, get_token_bytes(device=device, vocab_size=tokenizer.get_vocab_size()), autocast_ctx)
+            token_bytes = get_token_bytes(device=device, vocab_size=tokenizer.get_vocab_size())
+            bpb = evaluate_bpb(model, loader, steps, token_bytes, autocast_ctx)
         result.update(val_bpb=bpb, val_tokens=steps * args.device_batch_size * seq_len * world_size,
                       bpb_seconds=time.time() - t0)
         print0(f"val bpb {bpb:.4f} on {result['val_tokens']:,} tokens in {result['bpb_seconds']:.1f}s")

@@ -47,7 +47,8 @@ def _reference(prompt, max_tokens, **kw):
 
 @pytest.mark.parametrize("sampling, kw", [
     (["--temperature=0"], dict(temperature=0.0)),
-    (["--temperature=1.0", "--top-k=20", "--top-p=0.9", "--seed=5"], dict(temperature=1.0, top_k=20, top_p=0.9, seed=5)),
+    (["--temperature=1.0", "--top-k=20", "--top-p=0.9", "--seed=5"],
+     dict(temperature=1.0, top_k=20, top_p=0.9, seed=5)),
 ])
 def test_prompt_completion_streams_the_same_tokens_as_a_batch(env, monkeypatch, capsys, sampling, kw):
     outs = _main(["-p", "The cat", "--max-tokens=12", *sampling], monkeypatch)
