@@ -35,7 +35,7 @@ def build_parser() -> OneLineParser:
                    help="checkpoint directory name under base_checkpoints (none: the most recently written one)")
     p.add_argument("--step", type=int, default=-1, help="checkpoint step (-1 = latest complete)")
     p.add_argument("-p", "--prompt", type=str, default=None,
-                   help=f"text to continue (default: interactive on a terminal or with -i, else {DEFAULT_PROMPT!r})")
+                   help=f"text to continue (none: interactive on a terminal or with -i, else {DEFAULT_PROMPT!r})")
     p.add_argument("-i", "--interactive", action="store_true",
                    help="read prompts from stdin, one per line, until end of input (also without a terminal)")
     p.add_argument("--max-tokens", type=int, default=64, help="new tokens to generate at most, per completion")
