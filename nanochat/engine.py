@@ -18,6 +18,7 @@ where `nn.Module.compile` keeps the compiled `__call__`). Evaluation always call
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections.abc import Iterator
 from dataclasses import fields
@@ -110,17 +111,17 @@ def uncompiled(model: torch.nn.Module):
         if getattr(mod, "_compiled_call_impl", None) is not None:
             saved.append((mod, mod._compiled_call_impl))
             mod._compiled_call_impl = None
-    backend = getattr(model, "attn_backend", None)
-    swapped = backend in ("flex", "cudnn")
+    runtime = getattr(model, "runtime", None)
+    swapped = runtime is not None and runtime.attn_backend in ("flex", "cudnn")
     if swapped:
-        model.attn_backend = "sdpa"
+        model.runtime = dataclasses.replace(runtime, attn_backend="sdpa")
     try:
         yield model
     finally:
         for mod, fn in saved:
             mod._compiled_call_impl = fn
         if swapped:
-            model.attn_backend = backend
+            model.runtime = runtime
 
 
 @contextlib.contextmanager
@@ -351,7 +352,7 @@ def load_model(model_tag: str | None, step: int, device: torch.device, use_ema: 
     from nanochat.checkpoint import (META_FILE, CheckpointError, check_state_dict_keys,  # noqa: PLC0415
                                      format_mismatch, latest_complete_step, load_checkpoint, step_dir)
     from nanochat.ema import split_ema_state  # noqa: PLC0415
-    from nanochat.gpt import GPT  # noqa: PLC0415
+    from nanochat.gpt import GPT, ModelRuntime  # noqa: PLC0415
 
     model_dir = resolve_model_dir(model_tag)
     if step < 0:
@@ -363,8 +364,12 @@ def load_model(model_tag: str | None, step: int, device: torch.device, use_ema: 
     state, _, meta = load_checkpoint(model_dir, step, device, load_optimizer=False, require_meta=("model_config",))
     state, ema_state = split_ema_state(state)
     config = _config_from_meta(meta, os.path.join(step_dir(model_dir, step), META_FILE))
+    device_type = torch.device(device).type
+    compute_dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
+    attn_backend, _ = select_attention_backend(device_type, config.window_pattern, compute_dtype,
+                                               head_dim=config.head_dim)
     with torch.device("meta"):
-        model = GPT(config)
+        model = GPT(config, ModelRuntime(compute_dtype=compute_dtype, attn_backend=attn_backend))
     model.to_empty(device=device)
     model.init_weights()  # rotary buffers (not in the state dict)
     weights = "model"
@@ -375,10 +380,6 @@ def load_model(model_tag: str | None, step: int, device: torch.device, use_ema: 
         raise CheckpointError(f"checkpoint {model_dir} step {step} does not match the model its meta.json "
                               f"describes: {format_mismatch(mismatch)}")
     model.load_state_dict(state, strict=True)
-    device_type = torch.device(device).type
-    model.compute_dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
-    model.attn_backend, _ = select_attention_backend(device_type, config.window_pattern, model.compute_dtype,
-                                                     head_dim=config.head_dim)
     model.eval()
     meta = {**meta, "step": step, "model_dir": model_dir}
     return model, meta, weights

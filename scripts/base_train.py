@@ -31,7 +31,7 @@ import torch._dynamo
 
 from nanochat.attention import select_attention_backend
 from nanochat.checkpoint import (CheckpointError, check_state_dict_keys, diff_model_config, load_checkpoint,
-                                 save_checkpoint, set_aside_newer)
+                                 lock_checkpoint_dir, save_checkpoint, set_aside_newer)
 from nanochat.common import (UsageError, autodetect_device_type, compute_cleanup, compute_init, get_base_dir,
                              get_dist_info, get_peak_flops, init_wandb, print0, run_provenance)
 from nanochat.config import build_parser, parse_args, validate_args  # noqa: F401 (re-exported for tools and tests)
@@ -309,6 +309,8 @@ def main():
     # Checkpoint directory and resume (weights load before compile)
     base_dir = get_base_dir()
     checkpoint_dir = os.path.join(base_dir, "base_checkpoints", args.model_tag or f"d{args.depth}")
+    # One run per checkpoint dir: a second run with the same --model-tag stops here, naming the first's pid.
+    lock = lock_checkpoint_dir(checkpoint_dir) if rank == 0 else None
     resume_step, problem = resolve_resume(args, checkpoint_dir)  # --resume-from-step N or --resume-latest
     if problem:
         fail([problem])
@@ -466,6 +468,8 @@ def main():
     print_summary(runner, summary, compiled)
     metrics.write(summary)
     metrics.close()
+    if lock:
+        lock.release()
     compute_cleanup()
 
 

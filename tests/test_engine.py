@@ -125,12 +125,12 @@ def test_uncompiled_and_eval_mode_restore_everything():
     with pytest.raises(AssertionError):
         m(ids)
     for backend in ("flex", "cudnn"):   # built per sequence length: variable-length evaluation uses SDPA
-        m.attn_backend = backend
+        m.runtime.attn_backend = backend
         with uncompiled(m):
-            assert m.attn_backend == "sdpa"
+            assert m.runtime.attn_backend == "sdpa"
             m(ids)
-        assert block._compiled_call_impl is boom and m.attn_backend == backend
-    m.attn_backend = "sdpa"
+        assert block._compiled_call_impl is boom and m.runtime.attn_backend == backend
+    m.runtime.attn_backend = "sdpa"
     block._compiled_call_impl = None
 
     from nanochat.ema import WeightEMA

@@ -429,6 +429,11 @@ def test_sigterm_finishes_the_step_saves_and_exits_0_then_resumes(trained_base):
             lines.append(line)
             if line.startswith("step 00001/") or time.time() > deadline:
                 break
+        # a second run on the same checkpoint dir stops at once, in one line naming the first
+        second = run(["-m", "scripts.base_train", *TINY, "--num-iterations=2", "--model-tag=sigterm"], trained_base,
+                     check=False)
+        assert second.returncode == 1 and "in use by another run" in second.stderr, second.stderr[-2000:]
+        assert f"pid {proc.pid}" in second.stderr and second.stderr.strip().count("\n") == 0
         proc.send_signal(signal.SIGTERM)
         rest, err = proc.communicate(timeout=120)
     finally:
