@@ -17,6 +17,7 @@ import os
 
 os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 
+import atexit
 import base64
 import gc
 import json
@@ -45,8 +46,8 @@ from nanochat.engine import eval_mode, sample_prompts
 from nanochat.fp8 import Fp8Options, check_fp8_hardware, convert_to_fp8
 from nanochat.gpt import GPT, GPTConfig, ModelRuntime, start_compile_workers
 from nanochat.optim import MuonAdamW
-from nanochat.plan import (dry_run_report, horizon_problems, model_config_from_args, plan_horizon, resolve_resume,
-                           run_problems, scaling_params)
+from nanochat.plan import (dry_run_report, free_device_memory, horizon_problems, memory_check, memory_options,
+                           model_config_from_args, plan_horizon, resolve_resume, run_problems, scaling_params)
 from nanochat.schedules import ScheduleContext, build_schedule
 from nanochat.softcap_ce import choose_kernel as choose_ce_kernel, prebuild_failed, prebuild_in_background
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
@@ -289,8 +290,16 @@ def main():
     model_config = model_config_from_args(args, vocab_size, args.depth)  # shared with --dry-run
     attn_backend, attn_reason = select_attention_backend(device_type, args.window_pattern, compute_dtype,
                                                          head_dim=model_config.head_dim)
+    # Peak-memory estimate vs the device's free memory, before any allocation: stops a batch that cannot fit, picks auto
+    mem_lines, problems = memory_check(args, model_config, world_size, free_device_memory(device, ddp),
+                                       memory_options(args, device_type, ce_kernel))
+    for line in mem_lines:
+        print0(line)
+    if problems:
+        fail(problems, code=1)
     runtime = ModelRuntime(compute_dtype=compute_dtype, attn_backend=attn_backend, lm_ce_backend=args.lm_ce_backend,
-                           lm_ce_chunk_size=args.lm_ce_chunk_size, lm_ce_kernel=ce_kernel)
+                           lm_ce_chunk_size=args.lm_ce_chunk_size, lm_ce_kernel=ce_kernel,
+                           activation_checkpointing=args.activation_checkpointing)
     torch.manual_seed(args.seed)  # (after the attention backend's test call, which may draw random numbers)
     with torch.device("meta"):
         model = GPT(model_config, runtime)
@@ -310,7 +319,8 @@ def main():
     base_dir = get_base_dir()
     checkpoint_dir = os.path.join(base_dir, "base_checkpoints", args.model_tag or f"d{args.depth}")
     # One run per checkpoint dir: a second run with the same --model-tag stops here, naming the first's pid.
-    lock = lock_checkpoint_dir(checkpoint_dir) if rank == 0 else None
+    if rank == 0:  # released (its file removed) at any exit, error exits included
+        atexit.register(lock_checkpoint_dir(checkpoint_dir).release)
     resume_step, problem = resolve_resume(args, checkpoint_dir)  # --resume-from-step N or --resume-latest
     if problem:
         fail([problem])
@@ -468,8 +478,6 @@ def main():
     print_summary(runner, summary, compiled)
     metrics.write(summary)
     metrics.close()
-    if lock:
-        lock.release()
     compute_cleanup()
 
 
