@@ -74,9 +74,8 @@ from typing import ClassVar
 import torch
 
 from nanochat.fp8 import refresh_fp8_weight_caches
-from nanochat.schedules.base import BlockSchedule, ScheduleContext, StepPlan
-from nanochat.schedules.layer_drop import (FlagConfig, check_horizon, horizon_progress, range_problem,
-                                           warm_window_variants)
+from nanochat.schedules.base import (BlockSchedule, FlagConfig, ScheduleContext, StepPlan, check_horizon,
+                                     horizon_progress, range_problem, warm_window_variants)
 
 
 @dataclass

@@ -52,75 +52,16 @@ d12, a small loss); the two roughly cancel.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
-from nanochat.schedules.base import BlockSchedule, ScheduleContext, StepPlan
+from nanochat.schedules.base import (BlockSchedule, FlagConfig, ScheduleContext, StepPlan, check_horizon,
+                                     horizon_progress, range_problem, warm_window_variants)
 
 DROP_MODES = ("bernoulli", "fixed")
-
-
-# ---------------------------------------------------------------- shared by the growing schedules
-def horizon_progress(ctx: ScheduleContext, step: int, elapsed: float) -> float:
-    """How far the run is: elapsed / time budget under a time budget (`elapsed` is rank 0's clock,
-    the same on every rank), else step / num_iterations."""
-    if ctx.time_budget:
-        return elapsed / ctx.time_budget
-    return step / ctx.num_iterations
-
-
-def check_horizon(ctx: ScheduleContext, name: str) -> None:
-    """A progress-driven schedule needs a horizon to measure progress against."""
-    if not ctx.time_budget and ctx.num_iterations <= 0:
-        raise ValueError(f"{name} needs a horizon (--num-iterations or a time budget) to measure progress")
-
-
-def range_problem(flag: str, value: Any, lo: float, hi: float, *, integer: bool = False,
-                  lo_open: bool = False, hi_open: bool = False) -> str | None:
-    """One line naming `flag` if `value` is not a finite number (an integer with `integer`) in the
-    interval from lo to hi (open at an end with lo_open / hi_open), else None."""
-    kind = "an integer" if integer else "a number"
-    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok_type or not math.isfinite(value):
-        return f"{flag} ({value!r}) must be {kind}"
-    if value < lo or value > hi or (lo_open and value == lo) or (hi_open and value == hi):
-        return f"{flag} ({value}) must be in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-    return None
-
-
-def warm_window_variants(ctx: ScheduleContext, always_run: set[int], x, y, autocast_ctx) -> None:
-    """Compile every attention-window variant of the block graph in the first step. Each window
-    (S, L) is its own compiled variant; a step that leaves out every block of one window would
-    otherwise meet that variant later and stall on its compile. Runs one full forward and backward
-    when the blocks that always run do not cover every window; otherwise nothing."""
-    blocks = ctx.model.transformer.h
-    if {b.window for b in blocks} <= {blocks[i].window for i in always_run}:
-        return
-    with autocast_ctx:
-        ctx.model(x, y).backward()
-    ctx.model.zero_grad(set_to_none=True)
-
-
-# ---------------------------------------------------------------- flags
-class FlagConfig:
-    """A schedule's flags as a dataclass: field `x_y` is flag `--<prefix>-x-y`, attribute
-    `<prefix>_x_y` of the parsed flags."""
-
-    prefix: ClassVar[str]
-
-    @classmethod
-    def from_args(cls, args: Any):
-        """From parsed flags (missing attributes keep their default)."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        return cls(**{n: getattr(args, f"{cls.prefix}_{n}") for n in names if hasattr(args, f"{cls.prefix}_{n}")})
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 @dataclass
