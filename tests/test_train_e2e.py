@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from tests.helpers import TINY, base_with_tokenizer, run
+from tests.helpers import TINY, base_with_tokenizer, read_metrics, reseal, run, step_losses
 
 
 @pytest.fixture(scope="module")
@@ -15,40 +15,37 @@ def trained_base(tmp_path_factory, tiny_tokenizer):
     return base_with_tokenizer(tmp_path_factory, "e2e_base", tiny_tokenizer)
 
 
-def losses(stdout):
-    return {int(m.group(1)): m.group(2) for m in re.finditer(r"^step (\d+)/\d+ \| loss (\S+)", stdout, re.M)}
-
-
-def val_bpbs(stdout):
-    return [float(x) for x in re.findall(r"^step \d+ \| val bpb (\d+\.\d+)", stdout, re.M)]
-
-
-def test_tiny_training_learns_and_saves(trained_base):
-    out = run(["-m", "scripts.base_train", *TINY, "--num-iterations=30", "--eval-every=15", "--model-tag=learn"], trained_base)
-    bpb = val_bpbs(out.stdout)
-    assert len(bpb) == 3 and bpb[-1] < bpb[0] - 0.2, bpb
+def test_tiny_training_learns_and_saves(trained_base, tmp_path):
+    metrics = tmp_path / "learn.jsonl"
+    out = run(["-m", "scripts.base_train", *TINY, "--num-iterations=30", "--eval-every=15", "--model-tag=learn",
+               f"--metrics-file={metrics}"], trained_base)
+    evals = read_metrics(metrics, "eval")
+    bpb = [r["val_bpb"] for r in evals]
+    assert [r["step"] for r in evals] == [0, 15, 30] and bpb[-1] < bpb[0] - 0.2, bpb
     assert "EMBEDDED SAMPLE" in out.stdout  # no shards downloaded: the fallback is announced
     ckpt = os.path.join(trained_base, "base_checkpoints", "learn", "step_000030")
     assert os.path.exists(os.path.join(ckpt, "DONE"))
-    assert "done: 30 steps" in out.stdout
+    summary = read_metrics(metrics)[-1]
+    assert summary["kind"] == "summary" and summary["steps"] == summary["steps_this_run"] == 30
+    assert sorted(step_losses(metrics)) == list(range(30))
     assert re.search(r"^step times: median [\d.]+ms \([\d,]+ tok/s\); \d+ steps above 1.25x", out.stdout, re.M)
     assert re.search(r"done \d+\.\ds after launch\)", out.stdout)
     # the run says which loss it uses, and why (the Triton kernels need CUDA)
     assert "lm-head loss: baseline, inductor kernel (auto: the Triton kernel does not apply, its kernels need a CUDA device" in out.stdout
 
 
-def test_resume_parity_2n_straight_vs_n_resume_n(trained_base):
+def test_resume_parity_2n_straight_vs_n_resume_n(trained_base, tmp_path):
     """2N steps straight vs N steps + save + resume + N: identical losses and identical weights."""
     n = 6
-    straight = run(["-m", "scripts.base_train", *TINY, f"--num-iterations={2 * n}", f"--save-every={n}",
-                    "--eval-every=-1", "--model-tag=parity"], trained_base)
+    run(["-m", "scripts.base_train", *TINY, f"--num-iterations={2 * n}", f"--save-every={n}",
+         "--eval-every=-1", "--model-tag=parity", f"--metrics-file={tmp_path / 'straight.jsonl'}"], trained_base)
     ckpt_dir = os.path.join(trained_base, "base_checkpoints", "parity")
     ref_final = torch.load(os.path.join(ckpt_dir, f"step_{2 * n:06d}", "model.pt"), weights_only=True)
     shutil.rmtree(os.path.join(ckpt_dir, f"step_{2 * n:06d}"))
-    resumed = run(["-m", "scripts.base_train", *TINY, f"--num-iterations={2 * n}", f"--resume-from-step={n}",
-                   "--eval-every=-1", "--model-tag=parity"], trained_base)
-    a, b = losses(straight.stdout), losses(resumed.stdout)
-    assert sorted(b) == list(range(n, 2 * n))
+    run(["-m", "scripts.base_train", *TINY, f"--num-iterations={2 * n}", f"--resume-from-step={n}",
+         "--eval-every=-1", "--model-tag=parity", f"--metrics-file={tmp_path / 'resumed.jsonl'}"], trained_base)
+    a, b = step_losses(tmp_path / "straight.jsonl"), step_losses(tmp_path / "resumed.jsonl")
+    assert sorted(a) == list(range(2 * n)) and sorted(b) == list(range(n, 2 * n))
     assert {k: a[k] for k in b} == b
     got_final = torch.load(os.path.join(ckpt_dir, f"step_{2 * n:06d}", "model.pt"), weights_only=True)
     for k in ref_final:
@@ -100,20 +97,26 @@ DYN = ["--block-update-schedule=dynamic_suffix", "--dyn-warmup-steps=2", "--dyn-
        "--dyn-refresh-every=-1", "--dyn-relevance-threshold=0.5", "--dyn-log-every=1"]
 
 
-def test_dynamic_suffix_trains_a_suffix_and_resumes_exactly(trained_base):
+def test_dynamic_suffix_trains_a_suffix_and_resumes_exactly(trained_base, tmp_path):
     """Suffix steps really freeze a prefix, and resume restores the controller (2N vs N + N)."""
     n = 6
     tiny = [a if not a.startswith("--depth") else "--depth=4" for a in TINY]
+    straight_metrics, resumed_metrics = tmp_path / "straight.jsonl", tmp_path / "resumed.jsonl"
     straight = run(["-m", "scripts.base_train", *tiny, *DYN, f"--num-iterations={2 * n}", f"--save-every={n}",
-                    "--eval-every=-1", "--model-tag=dynparity"], trained_base)
-    active = [int(a) for a in re.findall(r"^step \d+/\d+ .*\| active (\d+)/4", straight.stdout, re.M)]
-    assert len(active) == 2 * n and min(active) < 4, active  # some steps trained only a suffix
+                    "--eval-every=-1", "--model-tag=dynparity", f"--metrics-file={straight_metrics}"], trained_base)
+    steps = read_metrics(straight_metrics, "step")
+    assert [r["step"] for r in steps] == list(range(2 * n))
+    active = [r["active_layers"] for r in steps]
+    assert min(active) < 4, active  # some steps trained only a suffix
     assert "dynamic_suffix stats:" in straight.stdout
-    resumed = run(["-m", "scripts.base_train", *tiny, *DYN, f"--num-iterations={2 * n}", f"--resume-from-step={n}",
-                   "--eval-every=-1", "--model-tag=dynparity"], trained_base)
-    a, b = losses(straight.stdout), losses(resumed.stdout)
-    assert {k: a[k] for k in b} == b and len(b) == n
-    assert active[n:] == [int(x) for x in re.findall(r"^step \d+/\d+ .*\| active (\d+)/4", resumed.stdout, re.M)]
+    summary = read_metrics(straight_metrics)[-1]
+    assert summary["kind"] == "summary" and "dynamic_suffix" in summary
+    assert summary["schedule_stats"]["mean_trained_blocks"] == pytest.approx(sum(active) / len(active))
+    run(["-m", "scripts.base_train", *tiny, *DYN, f"--num-iterations={2 * n}", f"--resume-from-step={n}",
+         "--eval-every=-1", "--model-tag=dynparity", f"--metrics-file={resumed_metrics}"], trained_base)
+    a, b = step_losses(straight_metrics), step_losses(resumed_metrics)
+    assert sorted(b) == list(range(n, 2 * n)) and {k: a[k] for k in b} == b
+    assert active[n:] == [r["active_layers"] for r in read_metrics(resumed_metrics, "step")]
 
 
 def test_dyn_flags_without_the_schedule_are_rejected(trained_base):
@@ -133,6 +136,7 @@ def test_nonfinite_loss_never_reaches_the_optimizer(trained_base):
     good = {k: v.clone() for k, v in state.items()}
     state["lm_head.weight"][0, 0] = float("nan")
     torch.save(state, os.path.join(ckpt, "model.pt"))
+    reseal(os.path.join(ckpt, "model.pt"))
     out = run(["-m", "scripts.base_train", *TINY, "--num-iterations=4", "--resume-from-step=2", "--save-every=1",
                "--eval-every=-1", "--model-tag=nan"], trained_base, check=False)
     assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
