@@ -2,7 +2,6 @@
 inputs, NaN skipping and naming, loss-spike LR reduction, SIGTERM save + resume, retention, kill
 during save, and the tokenizer's refusal of pickles. CPU, tiny models; e2e tests go through the
 real entry points."""
-import hashlib
 import json
 import os
 import pickle
@@ -23,7 +22,7 @@ from nanochat.plan import estimate_memory, model_config_from_args, plan_horizon,
 from nanochat.tokenizer import Tokenizer, TokenizerError, get_token_bytes
 from nanochat.train_state import TrainState
 from scripts import base_train
-from tests.helpers import ROOT, TINY, base_with_tokenizer, run
+from tests.helpers import ROOT, TINY, base_with_tokenizer, read_metrics, reseal, run, step_losses
 
 
 @pytest.fixture(scope="module")
@@ -33,23 +32,6 @@ def trained_base(tmp_path_factory, tiny_tokenizer):
 
 def ckpt_dir(base, tag):
     return os.path.join(base, "base_checkpoints", tag)
-
-
-def reseal(path):
-    """Record `path`'s new content hash in its checkpoint's DONE manifest (where the manifest keeps
-    hashes), as whoever edits a checkpoint on purpose would, so the run reaches the edited weights."""
-    done_path = os.path.join(os.path.dirname(path), "DONE")
-    with open(done_path, encoding="utf-8") as f:
-        done = json.load(f)
-    if "sha256" in done:
-        with open(path, "rb") as f:
-            done["sha256"][os.path.basename(path)] = hashlib.sha256(f.read()).hexdigest()
-        with open(done_path, "w", encoding="utf-8") as f:
-            json.dump(done, f)
-
-
-def losses(stdout):
-    return {int(m.group(1)): m.group(2) for m in re.finditer(r"^step (\d+)/\d+ \| loss (\S+)", stdout, re.M)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,17 +290,20 @@ def test_skip_nonfinite_step_keeps_weights_and_spike_reduces_lr(trained_base, tm
                f"--metrics-file={metrics}", "--model-tag=skip"], trained_base, env={"NANOCHAT_FAULT_INJECT": "3:nan,7:30"})
     assert "step 00003 | non-finite loss (nan) | step skipped: no optimizer update (1 in a row" in out.stdout
     spike = [line for line in out.stdout.splitlines() if "loss spike" in line]
-    assert len(spike) == 1 and spike[0].startswith("step 00007") and "LR scale now x0.5" in spike[0]
-    lrm = {int(m.group(1)): float(m.group(2)) for m in re.finditer(r"^step (\d+)/10 .*\| lrm (\S+)", out.stdout, re.M)}
-    assert lrm[6] == 1.0 and lrm[7] == 0.5 and 3 not in lrm
+    assert len(spike) == 1 and "LR scale now x0.5" in spike[0]
+    assert [(r["step"], r["lr_scale"]) for r in read_metrics(metrics, "lr_reduction")] == [(7, 0.5)]
+    assert [(r["step"], r["skipped_total"]) for r in read_metrics(metrics, "skip")] == [(3, 1)]
+    lrm = {r["step"]: r["lrm"] for r in read_metrics(metrics, "step")}
+    assert sorted(lrm) == [0, 1, 2, 4, 5, 6, 7, 8, 9]
+    assert lrm[6] == 1.0 and lrm[7] == 0.5
     d = ckpt_dir(trained_base, "skip")
     for f in ("model.pt", "optim_rank0.pt"):
         a = torch.load(os.path.join(d, "step_000003", f), weights_only=True)
         b = torch.load(os.path.join(d, "step_000004", f), weights_only=True)
         flat_a, flat_b = torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b)
         assert all(torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y for x, y in zip(flat_a, flat_b)), f
-    summary = json.loads(metrics.read_text().splitlines()[-1])
-    assert summary["nonfinite_skipped"] == 1 and summary["lr_reductions"] == 1
+    summary = read_metrics(metrics)[-1]
+    assert summary["kind"] == "summary" and summary["nonfinite_skipped"] == 1 and summary["lr_reductions"] == 1
     with open(os.path.join(d, "step_000010", "meta.json")) as f:
         meta = json.load(f)
     assert meta["auto_lr"]["lr_scale"] == 0.5 and TrainState.from_checkpoint(meta).nonfinite_skipped == 1  # resumable
@@ -393,7 +378,7 @@ def test_out_of_memory_is_one_line_with_what_to_change(trained_base, tmp_path):
     assert "--device-batch-size" in line and "--dry-run" in line
 
 
-def test_keep_last_k_and_resume_latest_after_a_kill_during_save(trained_base):
+def test_keep_last_k_and_resume_latest_after_a_kill_during_save(trained_base, tmp_path):
     run(["-m", "scripts.base_train", *TINY, "--num-iterations=4", "--eval-every=-1", "--save-every=1",
          "--keep-last-k=2", "--model-tag=keep"], trained_base)
     d = ckpt_dir(trained_base, "keep")
@@ -403,9 +388,10 @@ def test_keep_last_k_and_resume_latest_after_a_kill_during_save(trained_base):
     os.remove(os.path.join(d, ".tmp_step_000005", "DONE"))
     shutil.copytree(os.path.join(d, "step_000004"), os.path.join(d, "step_000006"))
     os.remove(os.path.join(d, "step_000006", "DONE"))
+    metrics = tmp_path / "resumed.jsonl"
     out = run(["-m", "scripts.base_train", *TINY, "--num-iterations=6", "--eval-every=-1", "--resume-latest",
-               "--model-tag=keep"], trained_base)
-    assert "resuming from step 4" in out.stdout and sorted(losses(out.stdout)) == [4, 5]
+               "--model-tag=keep", f"--metrics-file={metrics}"], trained_base)
+    assert "resuming from step 4" in out.stdout and sorted(step_losses(metrics)) == [4, 5]
     assert sorted(os.listdir(d)) == ["step_000003", "step_000004", "step_000006"]  # temp dir cleaned, 6 replaced
     assert os.path.isfile(os.path.join(d, "step_000006", "DONE"))
 
@@ -417,38 +403,49 @@ def test_debug_flags_on_cpu_say_what_they_do(trained_base):
     assert "--debug-anomaly" in out.stdout and "slower" in out.stdout
 
 
-def test_sigterm_finishes_the_step_saves_and_exits_0_then_resumes(trained_base):
+def steps_written_so_far(path):
+    """The steps in the --metrics-file of a run still writing it (a line not yet ended is left out)."""
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    whole = text[:text.rfind("\n") + 1].splitlines()
+    return [r["step"] for r in map(json.loads, whole) if r["kind"] == "step"]
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_0_then_resumes(trained_base, tmp_path):
     env = {**os.environ, "NANOCHAT_BASE_DIR": str(trained_base), "PYTHONUNBUFFERED": "1"}
+    metrics = tmp_path / "first.jsonl"
     cmd = [sys.executable, "-m", "scripts.base_train", *TINY, "--num-iterations=100000", "--eval-every=-1",
-           "--model-tag=sigterm"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines = []
+           "--model-tag=sigterm", f"--metrics-file={metrics}"]
+    # the output goes to files, not pipes: nobody reads it while the steps are awaited
+    with open(tmp_path / "stdout.txt", "w") as out_f, open(tmp_path / "stderr.txt", "w") as err_f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out_f, stderr=err_f, text=True)
     try:
         deadline = time.time() + 120
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("step 00001/") or time.time() > deadline:
-                break
+        while proc.poll() is None and time.time() < deadline and 1 not in steps_written_so_far(metrics):
+            time.sleep(0.1)
         # a second run on the same checkpoint dir stops at once, in one line naming the first
         second = run(["-m", "scripts.base_train", *TINY, "--num-iterations=2", "--model-tag=sigterm"], trained_base,
                      check=False)
         assert second.returncode == 1 and "in use by another run" in second.stderr, second.stderr[-2000:]
         assert f"pid {proc.pid}" in second.stderr and second.stderr.strip().count("\n") == 0
         proc.send_signal(signal.SIGTERM)
-        rest, err = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-    stdout = "".join(lines) + rest
+            proc.wait()
+    stdout, err = (tmp_path / "stdout.txt").read_text(), (tmp_path / "stderr.txt").read_text()
     assert proc.returncode == 0, stdout[-2000:] + err[-2000:]
     m = re.search(r"^received SIGTERM: stopped after step (\d+), checkpoint step (\d+) saved", stdout, re.M)
     assert m, stdout[-2000:]
+    trained = [r["step"] for r in read_metrics(metrics, "step")]
     saved = int(m.group(2))
-    assert saved == int(m.group(1)) + 1 and saved >= 2
+    assert trained == list(range(saved)) and int(m.group(1)) == saved - 1 and saved >= 2
+    assert read_metrics(metrics)[-1]["kind"] == "summary"
     assert os.path.isfile(os.path.join(ckpt_dir(trained_base, "sigterm"), f"step_{saved:06d}", "DONE"))
+    resumed = tmp_path / "resumed.jsonl"
     out = run(["-m", "scripts.base_train", *TINY, f"--num-iterations={saved + 2}", "--eval-every=-1", "--resume-latest",
-               "--model-tag=sigterm"], trained_base)
-    assert f"resuming from step {saved}" in out.stdout and sorted(losses(out.stdout)) == [saved, saved + 1]
+               "--model-tag=sigterm", f"--metrics-file={resumed}"], trained_base)
+    assert f"resuming from step {saved}" in out.stdout and sorted(step_losses(resumed)) == [saved, saved + 1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -490,11 +487,10 @@ def test_loss_read_one_step_late_on_cuda(trained_base, tmp_path):
     out = run(["-m", "scripts.base_train", *gpu, "--num-iterations=8", "--eval-every=-1", "--skip-nonfinite-steps=1",
                f"--metrics-file={metrics}", "--model-tag=late"], trained_base, env={"NANOCHAT_FAULT_INJECT": "4:nan"})
     assert "step 00004 | non-finite loss (nan) | step skipped: no optimizer update (1 in a row" in out.stdout
-    logged = [int(m.group(1)) for m in re.finditer(r"^step (\d+)/8 ", out.stdout, re.M)]
-    assert logged == [0, 1, 2, 3, 5, 6, 7], logged
-    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    records = read_metrics(metrics)
     steps = [r for r in records if r["kind"] == "step"]
-    assert [r["step"] for r in steps] == logged and all(r["dt"] > 0 for r in steps)
+    assert [r["step"] for r in steps] == [0, 1, 2, 3, 5, 6, 7] and all(r["dt"] > 0 for r in steps), steps
+    assert [r["step"] for r in records if r["kind"] == "skip"] == [4]
     assert records[-1]["kind"] == "summary" and records[-1]["nonfinite_skipped"] == 1
     out = run(["-m", "scripts.base_train", *gpu, "--num-iterations=8", "--eval-every=-1", "--model-tag=late2"],
               trained_base, check=False, env={"NANOCHAT_FAULT_INJECT": "4:nan"})
