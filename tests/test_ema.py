@@ -1,6 +1,5 @@
 """Weight EMA: update math, exact swap in/out, checkpoint round trip, and resume parity in training."""
 import os
-import re
 import shutil
 
 import pytest
@@ -9,7 +8,7 @@ import torch
 from nanochat.checkpoint import load_checkpoint, save_checkpoint
 from nanochat.ema import EMA_PREFIX, WeightEMA, split_ema_state
 
-from tests.helpers import TINY, base_with_tokenizer, run
+from tests.helpers import TINY, base_with_tokenizer, read_metrics, run
 
 
 def small_model(dtype=torch.float32):
@@ -83,23 +82,26 @@ def test_checkpoint_round_trip(tmp_path):
 TINY_EMA = [*TINY, "--eval-tokens=1024", "--ema-decay=0.9"]
 
 
-def test_training_resume_restores_the_ema_exactly(tmp_path_factory, tiny_tokenizer):
+def test_training_resume_restores_the_ema_exactly(tmp_path_factory, tiny_tokenizer, tmp_path):
     base = base_with_tokenizer(tmp_path_factory, "ema_base", tiny_tokenizer)
     n = 4
-    straight = run(["-m", "scripts.base_train", *TINY_EMA, f"--num-iterations={2 * n}", f"--save-every={n}",
-                    f"--eval-every={n}", "--model-tag=ema"], base)
+    run(["-m", "scripts.base_train", *TINY_EMA, f"--num-iterations={2 * n}", f"--save-every={n}",
+         f"--eval-every={n}", "--model-tag=ema", f"--metrics-file={tmp_path / 'straight.jsonl'}"], base)
     ckpt_dir = os.path.join(base, "base_checkpoints", "ema")
     final = os.path.join(ckpt_dir, f"step_{2 * n:06d}")
     ref = torch.load(os.path.join(final, "model.pt"), weights_only=True)
     assert any(k.startswith(EMA_PREFIX) for k in ref)
     shutil.rmtree(final)
     resumed = run(["-m", "scripts.base_train", *TINY_EMA, f"--num-iterations={2 * n}", f"--resume-from-step={n}",
-                   f"--eval-every={n}", "--model-tag=ema"], base)
+                   f"--eval-every={n}", "--model-tag=ema", f"--metrics-file={tmp_path / 'resumed.jsonl'}"], base)
     assert f"weight EMA restored ({n} updates)" in resumed.stdout
     got = torch.load(os.path.join(final, "model.pt"), weights_only=True)
     assert sorted(got) == sorted(ref)
     for k in ref:
         assert torch.equal(ref[k], got[k]), k
-    # The evaluations use the EMA weights, so the final val bpb matches too.
-    bpb = lambda s: re.findall(r"^step 0*8 \| val bpb (\S+)", s, re.M)  # noqa: E731
-    assert bpb(straight.stdout) == bpb(resumed.stdout) and bpb(resumed.stdout)
+    # The evaluations use the EMA weights, so the val bpb at the resume step and the final one match
+    # too, to the last bit.
+    bpb_straight, bpb_resumed = ({r["step"]: r["val_bpb"] for r in read_metrics(tmp_path / name, "eval")}
+                                 for name in ("straight.jsonl", "resumed.jsonl"))
+    assert sorted(bpb_straight) == [0, n, 2 * n] and sorted(bpb_resumed) == [n, 2 * n]
+    assert bpb_resumed == {k: bpb_straight[k] for k in bpb_resumed}
