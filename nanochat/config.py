@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 
 from nanochat.dynamic_suffix import RELEVANCE_METRICS, DynamicSuffixConfig
 from nanochat.fp8 import Fp8Options, validate_fp8_options
-from nanochat.gpt import GPTConfig, validate_window_pattern
+from nanochat.gpt import RECOMPUTE_MODES, GPTConfig, validate_window_pattern
 from nanochat.schedules import SCHEDULES
 from nanochat.schedules.depth_growth import DepthGrowthConfig
 from nanochat.schedules.layer_drop import LayerDropConfig
@@ -76,9 +76,27 @@ _DROP = LayerDropConfig()
 _GROWTH = DepthGrowthConfig()
 
 
-def flag(default: Any, help: str, *, choices: list | tuple | None = None, group: str | None = None) -> Any:
-    """A dataclass field that is also a command-line flag (a bool field is a switch)."""
-    return field(default=default, metadata={"help": help, "choices": choices, "group": group})
+def flag(default: Any, help: str, *, choices: list | tuple | None = None, group: str | None = None,
+         parse: Any = None) -> Any:
+    """A dataclass field that is also a command-line flag (a bool field is a switch). `parse`
+    replaces the parser's type conversion (default: the field's type), for values such as an
+    integer or a word."""
+    return field(default=default, metadata={"help": help, "choices": choices, "group": group, "parse": parse})
+
+
+class _BadValue(argparse.ArgumentTypeError, ValueError):
+    """A value a `parse` function rejects: argparse shows its message as is, and a --config file
+    value (converted through the same function) is reported with it."""
+
+
+def int_or_auto(text: str) -> int | str:
+    """'auto' or an integer (as written on the command line or in a --config file)."""
+    if str(text).strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        raise _BadValue(f"{text!r} is neither an integer nor 'auto'") from None
 
 
 def flag_name(dest: str) -> str:
@@ -135,6 +153,11 @@ class RunFlags(_Flags):
     device_type: str = flag("", "cuda | cpu | mps; empty = autodetect")
     seed: int = flag(42, "seed for weight init (the data order is fixed)")
     no_compile: bool = flag(False, "run eager (no torch.compile); for debugging or CPU")
+    activation_checkpointing: str = flag("none", "recompute the trained blocks' activations in backward to save memory: "
+                                                 "blocks keeps only each block's input (about one extra forward of the "
+                                                 "trained blocks); selective keeps the matmul and attention outputs and "
+                                                 "recomputes norms, rotary and activations (docs/optimizations/memory.md)",
+                                         choices=list(RECOMPUTE_MODES))
     config: str = flag("", "JSON or TOML file of flag values (keys: flag names, dashes or underscores); flags given on "
                            "the command line override it (empty = none)")
     dry_run: bool = flag(False, "validate everything, print the resolved config, parameter counts, FLOPs per token, "
@@ -207,7 +230,10 @@ class OptimFlags(_Flags):
     """Batch sizes, learning rates, their schedule, and the Muon optimizer's knobs."""
 
     GROUP: ClassVar[str] = "optimization"
-    device_batch_size: int = flag(32, "sequences per device per micro-step; lower it (16, 8, ...) on OOM")
+    device_batch_size: int | str = flag(32, "sequences per device per micro-step; lower it (16, 8, ...) on OOM; auto = the "
+                                            "largest power of two whose estimated peak memory fits the device's free "
+                                            "memory (CPU: the batch per rank, at most 32), --total-batch-size kept by "
+                                            "gradient accumulation", parse=int_or_auto)
     total_batch_size: int = flag(-1, "tokens per optimizer step across all devices; must be a multiple of "
                                      "device-batch-size * max-seq-len * world size (-1 = auto from scaling laws)")
     embedding_lr: float = flag(0.3, "AdamW learning rate of the token embedding")
@@ -228,7 +254,9 @@ class OptimFlags(_Flags):
 
     def validate(self) -> list[str]:
         p = _Problems()
-        p.at_least(self, "device_batch_size", 1)
+        b = self.device_batch_size
+        p.need(b == "auto" or (isinstance(b, int) and not isinstance(b, bool) and b >= 1),
+               f"--device-batch-size={b} must be >= 1 or auto")
         p.or_off(self, "total_batch_size", 1, "auto")
         p.need(self.total_batch_size <= MAX_TOTAL_BATCH,
                f"--total-batch-size={self.total_batch_size} must be <= 2**40 tokens per step")
@@ -513,7 +541,7 @@ class TrainConfig:
         for section in self.sections():
             p += section.validate(self.model.depth) if isinstance(section, ScheduleFlags) else section.validate()
         m, o = self.model, self.optim
-        if m.max_seq_len >= 1 and o.device_batch_size >= 1:
+        if m.max_seq_len >= 1 and isinstance(o.device_batch_size, int) and o.device_batch_size >= 1:
             tokens = o.device_batch_size * m.max_seq_len
             p.need(tokens <= MAX_MICRO_BATCH_TOKENS,
                    f"--device-batch-size * --max-seq-len = {o.device_batch_size} * {m.max_seq_len} = {tokens:,} tokens "
@@ -563,7 +591,7 @@ def build_parser() -> argparse.ArgumentParser:
         if kind is bool:
             g.add_argument(flag_name(dest), action="store_true", help=f.metadata["help"])
         else:
-            g.add_argument(flag_name(dest), type=kind, default=f.default, choices=f.metadata["choices"],
+            g.add_argument(flag_name(dest), type=f.metadata["parse"] or kind, default=f.default, choices=f.metadata["choices"],
                            help=f.metadata["help"])
     return p
 

@@ -20,12 +20,14 @@ anything new after the first few steps, and the first compile is a fraction of a
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from nanochat.attention import attention
 from nanochat.common import print0
@@ -59,6 +61,7 @@ class ModelRuntime:
     lm_ce_backend: str = "baseline"  # nanochat.lm_head: baseline (full logits) | chunked
     lm_ce_chunk_size: int = 4096  # rows per chunk of the chunked cross-entropy
     lm_ce_kernel: str = "inductor"  # baseline backend's loss: inductor | triton (nanochat.softcap_ce, CUDA)
+    activation_checkpointing: str = "none"  # trained blocks' activations: none | blocks | selective (RECOMPUTE_MODES)
 
 
 def validate_window_pattern(pattern: str) -> str | None:
@@ -131,6 +134,30 @@ class MLP(nn.Module):
         return self.c_proj(F.relu(self.c_fc(x)).square())
 
 
+# Activation recompute of the trained blocks (`ModelRuntime.activation_checkpointing`):
+#   none       every block keeps what its backward needs (~19 values per token per model dim, measured)
+#   blocks     a block keeps only its input; backward runs its forward again (one extra forward)
+#   selective  the matmul and attention outputs are kept (~11 per token per dim); the cheap ops
+#              between them (norms, rotary, ReLU², residual adds, casts) are recomputed
+RECOMPUTE_MODES = ("none", "blocks", "selective")
+
+
+def _keeps_expensive_outputs(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Selective recompute policy: save GEMM and attention outputs, recompute everything else.
+    Ops outside aten (the FP8 GEMM custom op, FA3, flex attention) are kept too: they are the
+    expensive kernels, and recomputing one would cost what `blocks` costs without its memory."""
+    name = str(op)
+    if op in _SAVED_OPS or "attention" in name or not name.startswith("aten."):
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+_SAVED_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+              torch.ops.aten._scaled_mm.default}
+# One object for every call, so that dynamo sees the same context_fn each time.
+_SELECTIVE_CONTEXT = functools.partial(create_selective_checkpoint_contexts, _keeps_expensive_outputs)
+
+
 class Block(nn.Module):
     """One transformer layer, including its two residual-mixing scalars."""
 
@@ -142,7 +169,20 @@ class Block(nn.Module):
         self.resid_lambda = nn.Parameter(torch.ones(1))
         self.x0_lambda = nn.Parameter(torch.zeros(1))
 
-    def forward(self, x, x0, cos, sin, backend: str, kv_cache=None):
+    def forward(self, x, x0, cos, sin, backend: str, kv_cache=None, recompute: str = "none"):
+        """`recompute` (RECOMPUTE_MODES): how backward gets this block's activations. The
+        checkpoint sits inside the block's compiled region, so dynamo traces it as one graph
+        whose partitioner recomputes what it must; outside, dynamo would be running under the
+        checkpoint's saved-tensor hooks. The block draws no random numbers, so the RNG state is
+        not saved and restored around the recompute."""
+        if recompute == "none" or kv_cache is not None:
+            return self._forward(x, x0, cos, sin, backend, kv_cache)
+        # (blocks passes no context_fn at all: dynamo accepts only a traceable one, not the default's)
+        selective = {"context_fn": _SELECTIVE_CONTEXT} if recompute == "selective" else {}
+        return checkpoint(self._forward, x, x0, cos, sin, backend, use_reentrant=False, preserve_rng_state=False,
+                          **selective)
+
+    def _forward(self, x, x0, cos, sin, backend: str, kv_cache=None):
         x = self.resid_lambda.to(x.dtype) * x + self.x0_lambda.to(x.dtype) * x0
         x = x + self.attn(norm(x), cos, sin, self.window, backend, kv_cache)
         x = x + self.mlp(norm(x))
@@ -375,10 +415,13 @@ class GPT(nn.Module):
                     if i not in skip:
                         block = blocks[i]
                         x = self._run_region(lambda: block(x, x0_frozen, cos, sin, self.runtime.attn_backend))
+        # Recompute only where autograd records: an evaluation forward then passes the same
+        # arguments as the frozen prefix and shares its compiled graph.
+        recompute = self.runtime.activation_checkpointing if torch.is_grad_enabled() else "none"
         for i in range(active_start, n):
             if i not in skip:
                 block = blocks[i]
-                x = self._run_region(lambda: block(x, x0, cos, sin, self.runtime.attn_backend))
+                x = self._run_region(lambda: block(x, x0, cos, sin, self.runtime.attn_backend, recompute=recompute))
         if targets is None:
             logits = self.lm_head(norm(x)).float()
             return self.config.softcap * torch.tanh(logits / self.config.softcap)

@@ -1,6 +1,7 @@
 """Planning a run from its validated flags: checks that need the world size or the disk, the
-training horizon, `--dry-run`'s report and its peak-memory estimate. (The flags themselves, their
-validation and `--config` files are nanochat/config.py.)
+training horizon, the peak-memory estimate (checked against the device's free memory at every
+start, and used by `--device-batch-size=auto`) and `--dry-run`'s report. (The flags themselves,
+their validation and `--config` files are nanochat/config.py.)
 
 The horizon (batch size, number of steps, weight decay scaling) is computed here, by the same
 function for the real run and for ``--dry-run``, so the two can never disagree; the bounds it
@@ -58,22 +59,31 @@ class Horizon:
     steps_from: str = "--num-iterations"  # the flag that set num_iterations
 
 
+def _data_horizon(args: argparse.Namespace, num_scaling_params: int, vocab_size: int) -> tuple[int, float]:
+    """(target tokens of this model, the same ratio's tokens at d12), the scaling rules' reference."""
+    with torch.device("meta"):  # shapes only: count d12 parameters without allocating
+        d12 = GPT(model_config_from_args(args, vocab_size, depth=12))
+    ratio = args.target_param_data_ratio if args.target_param_data_ratio > 0 else 10.5
+    return int(ratio * num_scaling_params), ratio * scaling_params(d12.num_scaling_params())
+
+
+def scaling_rule_batch(args: argparse.Namespace, num_scaling_params: int, vocab_size: int) -> int:
+    """The auto total batch (tokens, a power of two) before it is rounded to whole micro-steps:
+    the optimal batch grows as D^0.383 (Power Lines); 2^19 tokens is optimal at d12."""
+    target_tokens, d_ref = _data_horizon(args, num_scaling_params, vocab_size)
+    return 2 ** round(math.log2(B_REF * (target_tokens / d_ref) ** 0.383))
+
+
 def plan_horizon(args: argparse.Namespace, num_scaling_params: int, flops_per_token: float, vocab_size: int,
                  world_size: int) -> Horizon:
     """nanochat's scaling rules: auto batch size, number of steps (the first horizon flag set
     wins), weight decay scaled from the d12 reference."""
-    with torch.device("meta"):  # shapes only: count d12 parameters without allocating
-        d12 = GPT(model_config_from_args(args, vocab_size, depth=12))
-    ratio = args.target_param_data_ratio if args.target_param_data_ratio > 0 else 10.5
-    target_tokens = int(ratio * num_scaling_params)
-    d_ref = ratio * scaling_params(d12.num_scaling_params())
+    target_tokens, d_ref = _data_horizon(args, num_scaling_params, vocab_size)
     per_step = args.device_batch_size * args.max_seq_len * world_size
     total_batch_size = args.total_batch_size
     auto = total_batch_size == -1
     if auto:
-        # Optimal batch grows as D^0.383 (Power Lines); 2^19 tokens is optimal at d12.
-        predicted = B_REF * (target_tokens / d_ref) ** 0.383
-        total_batch_size = 2 ** round(math.log2(predicted))
+        total_batch_size = scaling_rule_batch(args, num_scaling_params, vocab_size)
         total_batch_size = max(per_step, (total_batch_size // per_step) * per_step)
     grad_accum_steps = total_batch_size // per_step
     # Learning rates are used as given. (nanochat multiplies them by sqrt(B / 2^19); at the d12
@@ -99,7 +109,20 @@ def plan_horizon(args: argparse.Namespace, num_scaling_params: int, flops_per_to
 
 
 def run_problems(args: argparse.Namespace, world_size: int) -> list[str]:
-    """Problems validate_args cannot see (it is pure and assumes nothing about the launch)."""
+    """Problems validate_args cannot see (it is pure and assumes nothing about the launch). With
+    --device-batch-size=auto the batch arithmetic waits until the batch is chosen (`memory_check`)."""
+    problems = [] if args.device_batch_size == "auto" else batch_run_problems(args, world_size)
+    if args.metrics_file:
+        parent = os.path.dirname(os.path.abspath(args.metrics_file))
+        if not os.path.isdir(parent):
+            problems.append(f"--metrics-file={args.metrics_file}: directory {parent} does not exist; create it first")
+        elif os.path.isdir(args.metrics_file):
+            problems.append(f"--metrics-file={args.metrics_file} is a directory; give a file name")
+    return problems
+
+
+def batch_run_problems(args: argparse.Namespace, world_size: int) -> list[str]:
+    """The device batch against the total batch (whole accumulation steps) and one evaluation batch."""
     problems = []
     if args.total_batch_size > 0:
         problems += batch_problems(args.total_batch_size, args.device_batch_size, args.max_seq_len, world_size)
@@ -108,12 +131,6 @@ def run_problems(args: argparse.Namespace, world_size: int) -> list[str]:
         problems.append(f"--eval-tokens={args.eval_tokens} is less than one evaluation batch (device-batch-size * "
                         f"max-seq-len * world size = {per_step}); use --eval-tokens >= {per_step} or "
                         f"--eval-every=-1 to turn evaluation off")
-    if args.metrics_file:
-        parent = os.path.dirname(os.path.abspath(args.metrics_file))
-        if not os.path.isdir(parent):
-            problems.append(f"--metrics-file={args.metrics_file}: directory {parent} does not exist; create it first")
-        elif os.path.isdir(args.metrics_file):
-            problems.append(f"--metrics-file={args.metrics_file} is a directory; give a file name")
     return problems
 
 
@@ -153,23 +170,34 @@ def horizon_problems(resume_step: int | None, plan: Horizon) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# peak memory estimate
+# peak memory estimate, checked against the device at every start
 
-# Saved-for-backward activations of one block, in elements per token per model dim: counted with
-# saved-tensor hooks on this model (eager: 19.06 at d=128 and d=256), and it reproduces the d12
-# anchor's measured peak (14.8 GiB, compiled, bf16: see the module docstring of estimate_memory).
-ACT_ELEMS_PER_TOKEN_DIM_LAYER = 19
+# Activations of the trained blocks, in values per token per model dim per layer (compute dtype):
+# {recompute mode: (kept by every block until its backward, held extra while one block is
+# recomputed)}. Counted on this model with torch's MemTracker (eager, fp32; tests/test_memory.py
+# checks them). Without recompute a block keeps 19, which also reproduces the d12 anchor's
+# measured peak (compiled, bf16: see estimate_memory); `blocks` keeps the block's input (1) and,
+# while one block is recomputed, its 19 again; `selective` keeps the six matmul outputs (q, k, v:
+# 3; c_fc: 4; the two c_proj: 2), the attention output and the input (11) and recomputes the
+# other ~8 of the block being differentiated (9 with temporaries).
+RECOMPUTE_ACT_ELEMS = {"none": (19, 0), "blocks": (1, 19), "selective": (11, 9)}
+ACT_ELEMS_PER_TOKEN_DIM_LAYER = RECOMPUTE_ACT_ELEMS["none"][0]
+# The estimate must fit the free memory with this fraction of itself to spare: the caching
+# allocator's fragmentation, cuBLAS workspaces and NCCL buffers are not in the estimate.
+FIT_MARGIN = 0.05
+CPU_AUTO_BATCH = 32  # --device-batch-size=auto off CUDA: no free-memory number to fit against
 
 
 def estimate_memory(cfg: GPTConfig, device_batch_size: int, *, compute_bytes: int = 2, compiled: bool = True,
                     lm_ce_backend: str = "baseline", lm_ce_chunk_size: int = 8192,
-                    lm_ce_kernel: str = "inductor") -> dict[str, int]:
+                    lm_ce_kernel: str = "inductor", recompute: str = "none") -> dict[str, int]:
     """Estimated bytes on one device during a full (every block trains) training step.
 
     Parameters and gradients are fp32 (the model's master weights); AdamW (embedding, lm_head,
     scalars) keeps two fp32 moments, Muon (block matrices) one fp32 momentum. Under bf16 autocast
-    (`compute_bytes` = 2) the matmul weights also get bf16 copies. Activations: 19 saved elements
-    per token, per layer, per model dim (measured), in the compute dtype. The LM-head loss (see
+    (`compute_bytes` = 2) the matmul weights also get bf16 copies. Activations: per token, per
+    layer, per model dim, in the compute dtype, `RECOMPUTE_ACT_ELEMS[recompute]` (19 saved values
+    without recompute, measured). The LM-head loss (see
     docs/optimizations/lm_head_ce.md): baseline keeps the full (tokens x vocab) logits -- about one
     compute-dtype copy when compiled, two with the Triton loss (`lm_ce_kernel="triton"`: logits and
     their gradient, nanochat/softcap_ce.py), about four fp32 copies at the peak when eager; chunked keeps
@@ -177,7 +205,7 @@ def estimate_memory(cfg: GPTConfig, device_batch_size: int, *, compute_bytes: in
     compiled, baseline CE, batch 32 x 1024, vocab 32768; a reference nanochat measured 14.8 GiB
     on an H100): this gives 14.8 GiB; this repo measured 13.9 GiB, and 15.8 GiB with the Triton
     loss (estimate 16.8 GiB). FP8 and frozen-prefix (dynamic_suffix) savings are not modelled:
-    full steps peak.
+    full steps peak. Recompute under compile is not measured yet (docs/optimizations/memory.md).
 
     Returns the components and 'peak' (their sum, or the optimizer step's peak if larger).
     """
@@ -193,12 +221,13 @@ def estimate_memory(cfg: GPTConfig, device_batch_size: int, *, compute_bytes: in
     total = counts["total"]
     n_tok = device_batch_size * cfg.sequence_len
     d, vocab = cfg.n_embd, cfg.vocab_size
+    kept, transient = RECOMPUTE_ACT_ELEMS[recompute]
     out = {
         "params": 4 * total,
         "grads": 4 * total,
         "optimizer_state": 8 * (counts["wte"] + counts["lm_head"] + counts["scalars"]) + 4 * counts["transformer_matrices"],
         "weight_copies": (compute_bytes * (counts["transformer_matrices"] + counts["lm_head"]) if compute_bytes < 4 else 0),
-        "activations": compute_bytes * n_tok * d * (ACT_ELEMS_PER_TOKEN_DIM_LAYER * cfg.n_layer + 4),
+        "activations": compute_bytes * n_tok * d * (kept * cfg.n_layer + transient + 4),
     }
     if lm_ce_backend == "baseline":
         copies = 2 * compute_bytes if lm_ce_kernel == "triton" else (compute_bytes if compiled else 16)
@@ -220,6 +249,161 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:,.0f} B"
 
 
+def memory_options(args: argparse.Namespace, device_type: str, ce_kernel: str) -> dict:
+    """estimate_memory's keyword arguments for this run (an empty device type means CUDA)."""
+    return dict(compute_bytes=2 if device_type in ("cuda", "") else 4, compiled=not args.no_compile,
+                lm_ce_backend=args.lm_ce_backend, lm_ce_chunk_size=args.lm_ce_chunk_size, lm_ce_kernel=ce_kernel,
+                recompute=args.activation_checkpointing)
+
+
+def _describe(cfg: GPTConfig, batch: int, opts: dict) -> str:
+    """The estimate's assumptions, in parentheses."""
+    loss = f"{opts['lm_ce_backend']} CE" + (f", {opts['lm_ce_kernel']} loss kernel" if opts["lm_ce_backend"] == "baseline" else "")
+    return (f"(device batch {batch} x {cfg.sequence_len}, {'bf16 autocast' if opts['compute_bytes'] == 2 else 'fp32'}, "
+            f"{'compiled' if opts['compiled'] else 'eager'}, {loss}"
+            + (f", recompute {opts['recompute']}" if opts["recompute"] != "none" else "") + ")")
+
+
+def fits(peak: int, free_bytes: int) -> bool:
+    """Whether an estimated peak fits the free memory with FIT_MARGIN to spare."""
+    return peak * (1 + FIT_MARGIN) <= free_bytes
+
+
+def sequences_per_rank(args: argparse.Namespace, cfg: GPTConfig, world_size: int) -> int:
+    """Sequences one rank processes per optimizer step: --total-batch-size's, or the scaling
+    rule's when it is auto (-1); 0 when --total-batch-size is not a whole number of sequences
+    per rank (batch_problems reports that)."""
+    per_seq = cfg.sequence_len * world_size
+    if args.total_batch_size > 0:
+        return args.total_batch_size // per_seq if args.total_batch_size % per_seq == 0 else 0
+    with torch.device("meta"):
+        n_scaling = scaling_params(GPT(cfg).num_scaling_params())
+    return max(1, scaling_rule_batch(args, n_scaling, cfg.vocab_size) // per_seq)
+
+
+def batch_candidates(args: argparse.Namespace, cfg: GPTConfig, world_size: int, limit: int | None = None) -> list[int]:
+    """Device batches that keep the step's total batch, largest first: the powers of two up to
+    the sequences per rank (and `limit`) that divide them (with an auto total, any power of two
+    up to it: the total is then rounded to whole micro-steps)."""
+    per_rank = sequences_per_rank(args, cfg, world_size)
+    top = per_rank if limit is None else min(per_rank, limit)
+    out, b = [], 1
+    while b <= top:
+        if args.total_batch_size <= 0 or per_rank % b == 0:
+            out.append(b)
+        b *= 2
+    return out[::-1]
+
+
+def auto_device_batch(args: argparse.Namespace, cfg: GPTConfig, world_size: int, free_bytes: int | None,
+                      opts: dict) -> tuple[int | None, str]:
+    """--device-batch-size=auto -> (batch, the log line saying why), or (None, the problem).
+
+    With a free-memory number (CUDA): the largest candidate (`batch_candidates`) whose estimated
+    peak fits. Without one (CPU, MPS): the sequences per rank, at most CPU_AUTO_BATCH."""
+    per_rank = sequences_per_rank(args, cfg, world_size)
+    candidates = batch_candidates(args, cfg, world_size)
+    if not candidates:
+        return None, (f"--device-batch-size=auto: --total-batch-size={args.total_batch_size} is not a whole number of "
+                      f"sequences per rank (max-seq-len * world size = {cfg.sequence_len * world_size}); fix "
+                      f"--total-batch-size or give --device-batch-size")
+    if free_bytes is None:
+        if per_rank <= CPU_AUTO_BATCH:
+            batch = per_rank
+        else:
+            batch = next(b for b in candidates if b <= CPU_AUTO_BATCH)
+        return batch, (f"device batch: auto -> {batch} (no device memory to fit against off CUDA: the batch per rank, "
+                       f"{per_rank} sequences, at most {CPU_AUTO_BATCH}; --total-batch-size kept by gradient "
+                       f"accumulation)")
+    peaks = {b: estimate_memory(cfg, b, **opts)["peak"] for b in candidates}
+    fitting = [b for b in candidates if fits(peaks[b], free_bytes)]
+    if not fitting:
+        return None, (f"--device-batch-size=auto: even batch 1 needs an estimated {_fmt_bytes(peaks[1])} "
+                      f"{_describe(cfg, 1, opts)}, more than the device's free {_fmt_bytes(free_bytes)} with a "
+                      f"{FIT_MARGIN:.0%} margin{_smaller_model_hint(opts)}")
+    batch = fitting[0]
+    bigger = [b for b in candidates if b > batch]
+    why = f"; {bigger[-1]} would need {_fmt_bytes(peaks[bigger[-1]])}" if bigger else " (the whole batch per rank)"
+    return batch, (f"device batch: auto -> {batch}, the largest power of two <= {per_rank} sequences per rank whose "
+                   f"estimated peak, {_fmt_bytes(peaks[batch])}, fits the free {_fmt_bytes(free_bytes)} with a "
+                   f"{FIT_MARGIN:.0%} margin{why}; --total-batch-size kept by gradient accumulation")
+
+
+def _smaller_model_hint(opts: dict) -> str:
+    hints = [] if opts["recompute"] == "blocks" else ["--activation-checkpointing=blocks"]
+    if opts["lm_ce_backend"] == "baseline":
+        hints.append("--lm-ce-backend=chunked")
+    return f"; try {' or '.join(hints)}, or a smaller model" if hints else "; use a smaller model or shorter sequences"
+
+
+def fit_report(args: argparse.Namespace, cfg: GPTConfig, world_size: int, free_bytes: int,
+               opts: dict) -> tuple[str, str | None, int | None]:
+    """The peak estimate of this run's batch next to the device's free memory.
+
+    -> (line to log, problem or None, suggestion): the problem says the batch does not fit, names
+    the largest --device-batch-size that does (the suggestion; None if none) and whether
+    --activation-checkpointing=blocks would make the requested batch fit."""
+    batch = args.device_batch_size
+    peak = estimate_memory(cfg, batch, **opts)["peak"]
+    line = (f"memory: estimated peak {_fmt_bytes(peak)} per device {_describe(cfg, batch, opts)}; free on the device "
+            f"{_fmt_bytes(free_bytes)}")
+    if fits(peak, free_bytes):
+        return line + f": fits with a {FIT_MARGIN:.0%} margin", None, None
+    smaller = [b for b in batch_candidates(args, cfg, world_size, limit=batch - 1)
+               if fits(estimate_memory(cfg, b, **opts)["peak"], free_bytes)]
+    suggestion = smaller[0] if smaller else None
+    problem = (f"estimated peak memory {_fmt_bytes(peak)} per device {_describe(cfg, batch, opts)} does not fit the "
+               f"device's free {_fmt_bytes(free_bytes)} with a {FIT_MARGIN:.0%} margin: ")
+    if suggestion:
+        problem += (f"use --device-batch-size={suggestion}, the largest that fits (--total-batch-size is kept by "
+                    f"gradient accumulation; --device-batch-size=auto picks it)")
+    else:
+        problem += "no smaller --device-batch-size fits either"
+    if opts["recompute"] != "blocks":
+        with_blocks = estimate_memory(cfg, batch, **{**opts, "recompute": "blocks"})["peak"]
+        verdict = "would fit" if fits(with_blocks, free_bytes) else "would not fit"
+        problem += (f"; --activation-checkpointing=blocks {verdict} batch {batch} (estimated {_fmt_bytes(with_blocks)}, "
+                    f"about one extra forward of the trained blocks per step)")
+    if not suggestion and opts["lm_ce_backend"] == "baseline":
+        problem += "; --lm-ce-backend=chunked also saves the (tokens x vocab) logits"
+    return line, problem, suggestion
+
+
+def free_device_memory(device, ddp: bool) -> int | None:
+    """Free bytes on this rank's CUDA device, the smallest over the ranks under DDP (so every rank
+    decides the same batch); None off CUDA."""
+    if torch.device(device).type != "cuda":
+        return None
+    free = torch.cuda.mem_get_info(device)[0]
+    if ddp:
+        t = torch.tensor([free], dtype=torch.int64, device=device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        free = int(t.item())
+    return free
+
+
+def memory_check(args: argparse.Namespace, cfg: GPTConfig, world_size: int, free_bytes: int | None,
+                 opts: dict) -> tuple[list[str], list[str]]:
+    """At every start, before the model is built: resolves --device-batch-size=auto (in `args`),
+    checks the batch arithmetic the chosen batch makes, and, with a free-memory number (CUDA),
+    compares the peak estimate with it. -> (lines to log, problems: the run must stop)."""
+    lines = []
+    if args.device_batch_size == "auto":
+        batch, line = auto_device_batch(args, cfg, world_size, free_bytes, opts)
+        if batch is None:
+            return lines, [line]
+        args.device_batch_size = batch
+        lines.append(line)
+        if problems := batch_run_problems(args, world_size):
+            return lines, problems
+    if free_bytes is not None:
+        line, problem, _ = fit_report(args, cfg, world_size, free_bytes, opts)
+        lines.append(line)
+        if problem:
+            return lines, [problem]
+    return lines, []
+
+
 # ---------------------------------------------------------------------------------------------
 # --dry-run
 
@@ -229,6 +413,21 @@ def _fmt_tokens(n: float) -> str:
         if abs(n) >= div:
             return f"{n / div:,.2f}{unit}"
     return f"{n:,.0f}"
+
+
+def _dry_run_auto_batch(args: argparse.Namespace, cfg: GPTConfig, world_size: int, opts: dict) -> tuple[int | None, str]:
+    """--device-batch-size=auto without a device: off CUDA the real rule; on CUDA the free memory
+    is read only at start, so the plan uses the largest candidate and lists what each needs."""
+    if opts["compute_bytes"] == 4:
+        return auto_device_batch(args, cfg, world_size, None, opts)
+    candidates = batch_candidates(args, cfg, world_size)
+    if not candidates:
+        return auto_device_batch(args, cfg, world_size, None, opts)
+    needs = ", ".join(f"{b} -> {_fmt_bytes(estimate_memory(cfg, b, **opts)['peak'] * (1 + FIT_MARGIN))}"
+                      for b in candidates)
+    return candidates[0], (f"device batch: auto, chosen at start from the device's free memory (planned here with "
+                           f"{candidates[0]}, the largest candidate); free memory each batch needs, {FIT_MARGIN:.0%} "
+                           f"margin included: {needs}")
 
 
 def dry_run_report(args: argparse.Namespace, sources: dict, device_type: str, world_size: int) -> tuple[str, list[str]]:
@@ -241,6 +440,7 @@ def dry_run_report(args: argparse.Namespace, sources: dict, device_type: str, wo
     from nanochat.common import get_base_dir  # noqa: PLC0415
     from nanochat.tokenizer import get_tokenizer  # noqa: PLC0415
     problems = run_problems(args, world_size)
+    asked = dict(vars(args))  # as given (--device-batch-size=auto is resolved below for planning)
     try:
         vocab_size = get_tokenizer().get_vocab_size()
     except Exception as e:  # noqa: BLE001 (missing/corrupt tokenizer: the same one line as a real run)
@@ -251,6 +451,20 @@ def dry_run_report(args: argparse.Namespace, sources: dict, device_type: str, wo
     counts = model.num_scaling_params()
     flops_per_token = model.estimate_flops()
     n_scaling = scaling_params(counts)
+    try:  # as base_train resolves it on the device (an empty --device-type means CUDA if present)
+        ce_kernel = choose_ce_kernel(args.lm_ce_kernel, device_type or "cuda", args.lm_ce_backend, cfg.softcap)[0]
+    except ValueError as e:
+        return "", problems + [str(e)]
+    opts = memory_options(args, device_type, ce_kernel)
+    auto_line = None
+    if args.device_batch_size == "auto":
+        args = argparse.Namespace(**vars(args))  # resolved for planning; the caller's namespace keeps "auto"
+        args.device_batch_size, auto_line = _dry_run_auto_batch(args, cfg, world_size, opts)
+        if args.device_batch_size is None:
+            return "", problems + [auto_line]
+        problems += batch_run_problems(args, world_size)
+        if problems:
+            return "", problems
     plan = plan_horizon(args, n_scaling, flops_per_token, vocab_size, world_size)
 
     checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", args.model_tag or f"d{args.depth}")
@@ -279,21 +493,12 @@ def dry_run_report(args: argparse.Namespace, sources: dict, device_type: str, wo
         from nanochat.fp8 import check_fp8_hardware  # noqa: PLC0415 (reads the capability; no allocation)
         if hw := check_fp8_hardware(device_type):
             return "", [hw]
-    on_gpu = device_type in ("cuda", "")
-    compute_bytes = 2 if on_gpu else 4
-    compiled = not args.no_compile
-    try:  # as base_train resolves it on the device (an empty --device-type means CUDA if present)
-        ce_kernel = choose_ce_kernel(args.lm_ce_kernel, device_type or "cuda", args.lm_ce_backend, cfg.softcap)[0]
-    except ValueError as e:
-        return "", [str(e)]
-    mem = estimate_memory(cfg, args.device_batch_size, compute_bytes=compute_bytes, compiled=compiled,
-                          lm_ce_backend=args.lm_ce_backend, lm_ce_chunk_size=args.lm_ce_chunk_size,
-                          lm_ce_kernel=ce_kernel)
+    mem = estimate_memory(cfg, args.device_batch_size, **opts)
 
-    width = max(len(k) for k in vars(args)) + 2
+    width = max(len(k) for k in asked) + 2
     lines = ["dry run: flags validated; no device, data or weights touched",
-             f"resolved config ({len(vars(args))} flags; source: cli, config file{' ' + args.config if args.config else ''}, or default):"]
-    for k, v in vars(args).items():
+             f"resolved config ({len(asked)} flags; source: cli, config file{' ' + args.config if args.config else ''}, or default):"]
+    for k, v in asked.items():
         lines.append(f"  --{k.replace('_', '-'):<{width}} {json.dumps(v)}  [{sources.get(k, 'default')}]")
     lines.append(f"model: {json.dumps(asdict(cfg))}")
     lines.append("parameters: " + ", ".join(f"{k}={v:,}" for k, v in counts.items())
@@ -314,11 +519,11 @@ def dry_run_report(args: argparse.Namespace, sources: dict, device_type: str, wo
         lines.append(f"token budget (Chinchilla, {CHINCHILLA_TOKENS_PER_PARAM} x {_fmt_tokens(n_scaling)} scaling params): "
                      f"{_fmt_tokens(budget)} tokens; planned {_fmt_tokens(plan.total_tokens)} = "
                      f"{plan.total_tokens / budget:.3g}x the budget ({plan.total_tokens / n_scaling:.1f} tokens/param)")
-    dtype = "bf16 autocast" if compute_bytes == 2 else "fp32"
     parts = ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in mem.items() if k != "peak")
-    lines.append(f"estimated peak memory per device: {_fmt_bytes(mem['peak'])} (device batch {args.device_batch_size} x "
-                 f"{args.max_seq_len}, {dtype}, {'compiled' if compiled else 'eager'}, {args.lm_ce_backend} CE"
-                 f"{', ' + ce_kernel + ' loss kernel' if args.lm_ce_backend == 'baseline' else ''}): {parts}")
+    if auto_line:
+        lines.append(auto_line)
+    lines.append(f"estimated peak memory per device: {_fmt_bytes(mem['peak'])} {_describe(cfg, args.device_batch_size, opts)}"
+                 f": {parts}")
     lines.append(resume_line)
     for n in notes:
         lines.append(f"note: {n}")

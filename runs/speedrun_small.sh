@@ -113,7 +113,7 @@ int_opt ASPECT_RATIO --aspect-ratio
 int_opt HEAD_DIM --head-dim
 opt WINDOW_PATTERN --window-pattern
 int_opt MAX_SEQ_LEN --max-seq-len
-int_opt DEVICE_BATCH_SIZE --device-batch-size
+opt DEVICE_BATCH_SIZE --device-batch-size  # an integer or auto (base_train checks it)
 int_opt TOTAL_BATCH_SIZE --total-batch-size
 int_opt NUM_ITERATIONS --num-iterations
 num_opt TARGET_PARAM_DATA_RATIO --target-param-data-ratio
@@ -154,6 +154,8 @@ int_opt MUON_STACK_CHUNK_SIZE --muon-stack-chunk-size
 choice_opt LM_CE_BACKEND --lm-ce-backend "baseline chunked"
 int_opt LM_CE_CHUNK_SIZE --lm-ce-chunk-size
 choice_opt LM_CE_KERNEL --lm-ce-kernel "auto triton inductor"
+# Memory (docs/optimizations/memory.md)
+choice_opt ACTIVATION_CHECKPOINTING --activation-checkpointing "none blocks selective"
 
 read -r -a EXTRA <<< "${BASE_TRAIN_EXTRA_ARGS:-}"
 
@@ -241,7 +243,9 @@ if [[ "$REPORT" == 1 ]]; then
   # The suggested base_eval: on CPU, bpb on as many tokens as training evaluated (its defaults are
   # sized for a GPU).
   EVAL_SUGGEST=""
-  [[ "$has_gpu" == 1 ]] || EVAL_SUGGEST="--device-type=cpu --evals=bpb,sample --eval-tokens=$EVAL_TOKENS --device-batch-size=$DEVICE_BATCH_SIZE"
+  [[ "$has_gpu" == 1 ]] || EVAL_SUGGEST="--device-type=cpu --evals=bpb,sample --eval-tokens=$EVAL_TOKENS"
+  # base_eval takes no auto: its own default batch then
+  [[ "$has_gpu" == 1 ]] || ! is_int "$DEVICE_BATCH_SIZE" || EVAL_SUGGEST+=" --device-batch-size=$DEVICE_BATCH_SIZE"
   REPORT_CMD=("$PY" -m nanochat.run_report "--metrics-file=$METRICS" "--checkpoint-dir=$RUN_DIR" "--model-tag=$RUN_TAG"
               "--samples=$REPORT_SAMPLES" "--eval-args=$EVAL_SUGGEST")
   if [[ -n "$LOG_FILE" ]]; then

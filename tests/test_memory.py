@@ -1,0 +1,363 @@
+"""Activation recompute (`--activation-checkpointing`), the peak-memory estimate checked at every
+start, and `--device-batch-size=auto` (nanochat/gpt.py, nanochat/plan.py;
+docs/optimizations/memory.md).
+
+Recompute must change memory only: the same loss and the same gradients as no recompute, for
+every trained-block plan (frozen prefix, skipped blocks), eager and compiled, with FP8 and each
+CE backend. The estimate must move the right way with every knob, and the start-up check must
+say what fits, with a fake free-memory number standing in for the device."""
+import json
+import os
+import re
+
+import pytest
+import torch
+
+from nanochat.config import build_parser, parse_args
+from nanochat.gpt import GPT, RECOMPUTE_MODES, GPTConfig, ModelRuntime
+from nanochat.plan import (CPU_AUTO_BATCH, FIT_MARGIN, RECOMPUTE_ACT_ELEMS, auto_device_batch, batch_candidates,
+                           dry_run_report, estimate_memory, fit_report, memory_check, memory_options, run_problems)
+from tests.helpers import TINY, base_with_tokenizer, run
+
+GiB = 2 ** 30
+PLANS = [(0, ()), (1, ()), (1, (2,))]  # (active_start, skip): full, frozen prefix, frozen prefix + a skipped block
+
+
+def tiny_model(recompute="none", seed=0, n_layer=4, **runtime):
+    cfg = GPTConfig(sequence_len=32, vocab_size=256, n_layer=n_layer, n_head=4, n_kv_head=2, n_embd=64)
+    torch.manual_seed(seed)
+    m = GPT(cfg, ModelRuntime(activation_checkpointing=recompute, **runtime))
+    m.init_weights()
+    with torch.no_grad():  # non-zero output projections, so every block changes the residual stream
+        for b in m.transformer.h:
+            b.attn.c_proj.weight.normal_(0, 0.02)
+            b.mlp.c_proj.weight.normal_(0, 0.02)
+    return m
+
+
+def batch(B=2, T=32, V=256):
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, V, (B, T), generator=g), torch.randint(0, V, (B, T), generator=g)
+
+
+def loss_and_grads(model, active_start=0, skip=()):
+    model.zero_grad(set_to_none=True)
+    x, y = batch()
+    loss = model(x, y, active_start=active_start, skip=skip)
+    loss.backward()
+    return loss.detach(), {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+
+
+def assert_same(ref, got, atol=0.0):
+    (l0, g0), (l1, g1) = ref, got
+    torch.testing.assert_close(l1, l0, atol=atol, rtol=0)
+    assert [n for n, g in g0.items() if g is None] == [n for n, g in g1.items() if g is None]
+    for n, g in g0.items():
+        if g is not None:
+            torch.testing.assert_close(g1[n], g, atol=atol, rtol=0, msg=n)
+
+
+# ---------------------------------------------------------------------------------------------
+# recompute gives the same numbers
+
+
+@pytest.mark.parametrize("mode", ["blocks", "selective"])
+@pytest.mark.parametrize("active_start,skip", PLANS)
+def test_recompute_matches_no_recompute_eager(mode, active_start, skip):
+    ref = loss_and_grads(tiny_model(), active_start, skip)
+    assert_same(ref, loss_and_grads(tiny_model(mode), active_start, skip))
+
+
+@pytest.mark.parametrize("mode", ["blocks", "selective"])
+def test_recompute_with_chunked_ce_and_fp8(mode):
+    """The head is outside the checkpoint, but each CE backend must still see the same inputs; the
+    FP8 GEMM is a custom op (kept by the selective policy) inside an autograd.Function."""
+    from nanochat.fp8 import Fp8Options, convert_to_fp8
+    chunked = dict(lm_ce_backend="chunked", lm_ce_chunk_size=16)
+    assert_same(loss_and_grads(tiny_model(**chunked), 1, (2,)), loss_and_grads(tiny_model(mode, **chunked), 1, (2,)))
+    ref, got = tiny_model(), tiny_model(mode)
+    for m in (ref, got):
+        convert_to_fp8(m, Fp8Options(enabled=True, min_dim=16))
+    assert_same(loss_and_grads(ref, 1), loss_and_grads(got, 1))
+
+
+def test_no_recompute_without_autograd():
+    """Evaluation and the frozen prefix run without autograd: nothing to recompute, same output."""
+    x, _ = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(tiny_model("blocks")(x), tiny_model()(x), atol=0, rtol=0)
+
+
+def test_recompute_under_regional_compile():
+    """The checkpoint is traced inside each block's compiled region (aot_eager: dynamo and the
+    AOTAutograd partitioner, without inductor's C++ build): same numbers as eager without
+    recompute, the model stays compiled, and no more graphs than without recompute."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    ref = [loss_and_grads(tiny_model(), a, s) for a, s in PLANS]
+    graphs = {}
+    try:
+        for mode in RECOMPUTE_MODES:
+            m = tiny_model(mode)
+            torch._dynamo.reset()
+            counters.clear()
+            m.compile_regions(backend="aot_eager", dynamic=False)
+            for (a, s), r in zip(PLANS, ref):
+                assert_same(r, loss_and_grads(m, a, s), atol=1e-6)
+            with torch.no_grad():
+                m(*batch())
+            assert m._compiled, mode  # no fallback to eager
+            graphs[mode] = counters["stats"]["unique_graphs"]
+    finally:
+        torch._dynamo.reset()
+    assert graphs["blocks"] == graphs["selective"] == graphs["none"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["blocks", "selective"])
+def test_recompute_under_inductor_on_cpu(mode):
+    """The real compiler (inductor, CPU C++ kernels) on one tiny shape: ~20-30 s each on 2 cores."""
+    import torch._dynamo
+    ref = loss_and_grads(tiny_model(n_layer=2), 1)
+    m = tiny_model(mode, n_layer=2)
+    torch._dynamo.reset()
+    m.compile_regions(dynamic=False)
+    try:
+        assert_same(ref, loss_and_grads(m, 1), atol=1e-5)
+        assert m._compiled
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", RECOMPUTE_MODES)
+def test_gpu_recompute_bf16_compiled_saves_memory(mode):
+    """On CUDA (bf16 autocast, inductor, the Triton loss): recompute matches no recompute within
+    bf16 noise, and the step's peak memory does not grow."""
+    import torch._dynamo
+    cfg = GPTConfig(sequence_len=512, vocab_size=4096, n_layer=6, n_head=4, n_kv_head=4, n_embd=256)
+    x = torch.randint(0, 4096, (8, 512), device="cuda")
+    out = {}
+    for m_mode in ("none", mode):
+        torch.manual_seed(0)
+        m = GPT(cfg, ModelRuntime(compute_dtype=torch.bfloat16, activation_checkpointing=m_mode,
+                                  lm_ce_kernel="triton")).cuda()
+        m.init_weights()
+        torch._dynamo.reset()
+        m.compile_regions(dynamic=False)
+        for _ in range(2):
+            m.zero_grad(set_to_none=True)
+            torch.cuda.reset_peak_memory_stats()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = m(x, x)
+            loss.backward()
+        out[m_mode] = (loss.item(), torch.cuda.max_memory_allocated(), m.lm_head.weight.grad.float().norm().item())
+    torch._dynamo.reset()
+    assert abs(out[mode][0] - out["none"][0]) < 1e-2
+    assert abs(out[mode][2] - out["none"][2]) / out["none"][2] < 2e-2
+    assert out[mode][1] <= out["none"][1] * 1.02
+
+
+# ---------------------------------------------------------------------------------------------
+# the estimate
+
+
+def test_activation_constants_match_what_the_model_keeps():
+    """RECOMPUTE_ACT_ELEMS' per-layer values are what autograd (and the checkpoint) really keep at
+    the end of the forward, eager fp32, within 10 %: the difference between 4 and 2 layers."""
+    mem_tracker = pytest.importorskip("torch.distributed._tools.mem_tracker")
+    B, T, d = 2, 64, 128
+
+    def after_forward(mode, n_layer):
+        cfg = GPTConfig(sequence_len=T, vocab_size=512, n_layer=n_layer, n_head=2, n_kv_head=2, n_embd=d)
+        torch.manual_seed(0)
+        m = GPT(cfg, ModelRuntime(activation_checkpointing=mode))
+        m.init_weights()
+        idx = torch.randint(0, 512, (B, T))
+        mt = mem_tracker.MemTracker()
+        mt.track_external(m)
+        with mt:
+            loss = m(idx, idx)
+            current = mt.get_tracker_snapshot("current")[torch.device("cpu")]
+            loss.backward()
+        return current[mem_tracker._MemRefType.ACT]
+    for mode, (kept, _) in RECOMPUTE_ACT_ELEMS.items():
+        per_layer = (after_forward(mode, 4) - after_forward(mode, 2)) / (2 * 4 * B * T * d)
+        assert abs(per_layer - kept) <= 0.1 * kept, (mode, per_layer, kept)
+
+
+def d12(**kw):
+    return GPTConfig(**{**dict(sequence_len=1024, vocab_size=32768, n_layer=12, n_head=6, n_kv_head=6, n_embd=768), **kw})
+
+
+def test_estimate_grows_with_batch_sequence_depth_and_shrinks_with_recompute():
+    peak = {m: estimate_memory(d12(), 32, recompute=m)["peak"] for m in RECOMPUTE_MODES}
+    assert peak["blocks"] < peak["selective"] < peak["none"]
+    for mode in RECOMPUTE_MODES:
+        base = estimate_memory(d12(), 16, recompute=mode)
+        assert estimate_memory(d12(), 32, recompute=mode)["activations"] == 2 * base["activations"]
+        assert estimate_memory(d12(sequence_len=2048), 16, recompute=mode)["peak"] > base["peak"]
+        deeper = estimate_memory(d12(n_layer=16), 16, recompute=mode)
+        assert deeper["peak"] > base["peak"] and deeper["activations"] > base["activations"]
+    # recompute changes activations only
+    none, blocks = estimate_memory(d12(), 32), estimate_memory(d12(), 32, recompute="blocks")
+    assert {k: v for k, v in none.items() if k not in ("activations", "peak")} == \
+           {k: v for k, v in blocks.items() if k not in ("activations", "peak")}
+    # blocks: each layer keeps its input and one block is recomputed at a time, so depth costs ~1/19 as much
+    extra = lambda mode: (estimate_memory(d12(n_layer=16), 32, recompute=mode)["activations"]
+                          - estimate_memory(d12(), 32, recompute=mode)["activations"])
+    assert extra("blocks") * 19 == extra("none")
+    assert estimate_memory(d12(), 32)["peak"] / GiB == pytest.approx(14.8, abs=0.2)  # unchanged at the d12 anchor
+
+
+# ---------------------------------------------------------------------------------------------
+# --device-batch-size=auto and the fit check, with fake free memory
+
+
+def args_for(*flags):
+    return parse_args(["--depth=12", "--max-seq-len=1024", *flags])
+
+
+OPTS = dict(compute_bytes=2, compiled=True, lm_ce_backend="baseline", lm_ce_chunk_size=8192, lm_ce_kernel="inductor")
+
+
+def opts(mode="none"):
+    return {**OPTS, "recompute": mode}
+
+
+def test_flags_parse_auto_and_the_recompute_mode():
+    a = args_for("--device-batch-size=auto", "--activation-checkpointing=selective")
+    assert a.device_batch_size == "auto" and a.activation_checkpointing == "selective"
+    assert args_for().device_batch_size == 32 and args_for().activation_checkpointing == "none"
+    assert memory_options(a, "cuda", "triton") == {**opts("selective"), "lm_ce_kernel": "triton"}
+    assert memory_options(a, "cpu", "inductor")["compute_bytes"] == 4
+    for bad in ("--device-batch-size=many", "--device-batch-size=0", "--activation-checkpointing=all"):
+        with pytest.raises(SystemExit):
+            args_for(bad)
+    # the batch arithmetic waits for the chosen batch
+    assert run_problems(args_for("--device-batch-size=auto", "--total-batch-size=1000"), 1) == []
+
+
+def test_batch_candidates_keep_the_total_batch():
+    cfg = d12()
+    assert batch_candidates(args_for("--total-batch-size=65536"), cfg, 1) == [64, 32, 16, 8, 4, 2, 1]
+    assert batch_candidates(args_for("--total-batch-size=49152"), cfg, 1) == [16, 8, 4, 2, 1]  # 48 per rank
+    assert batch_candidates(args_for("--total-batch-size=65536"), cfg, 2) == [32, 16, 8, 4, 2, 1]
+    assert batch_candidates(args_for("--total-batch-size=65536"), cfg, 1, limit=31) == [16, 8, 4, 2, 1]
+    assert batch_candidates(args_for("--total-batch-size=1000"), cfg, 1) == []
+    auto_total = batch_candidates(args_for(), cfg, 1)  # the scaling rule's batch: 2^19 tokens at d12
+    assert auto_total[0] == 2 ** 19 // 1024
+
+
+def test_auto_batch_picks_the_largest_power_of_two_that_fits():
+    cfg, a = d12(), args_for("--device-batch-size=auto", "--total-batch-size=65536")
+    need = {b: estimate_memory(cfg, b, **opts())["peak"] * (1 + FIT_MARGIN) for b in (8, 16, 32)}
+    batch, line = auto_device_batch(a, cfg, 1, int(need[16]) + 1, opts())
+    assert batch == 16
+    assert "auto -> 16" in line and "32 would need" in line and "gradient accumulation" in line
+    assert auto_device_batch(a, cfg, 1, int(need[16]) - 1, opts())[0] == 8
+    assert auto_device_batch(a, cfg, 1, 1000 * GiB, opts())[0] == 64  # capped at the batch per rank
+    # recompute lets a larger batch fit the same memory
+    assert auto_device_batch(a, cfg, 1, int(need[16]) + 1, opts("blocks"))[0] > 16
+    batch, problem = auto_device_batch(a, cfg, 1, 1 * GiB, opts())
+    assert batch is None and "even batch 1" in problem and "--activation-checkpointing=blocks" in problem
+
+
+def test_auto_batch_off_cuda_is_the_batch_per_rank_at_most_32():
+    cfg = d12()
+    batch, line = auto_device_batch(args_for("--device-batch-size=auto", "--total-batch-size=8192"), cfg, 1, None, opts())
+    assert batch == 8 and "off CUDA" in line and "at most 32" in line
+    assert auto_device_batch(args_for("--device-batch-size=auto", "--total-batch-size=131072"), cfg, 1, None,
+                             opts())[0] == CPU_AUTO_BATCH
+    assert auto_device_batch(args_for("--device-batch-size=auto", "--total-batch-size=24576"), cfg, 1, None,
+                             opts())[0] == 24  # 24 per rank: kept whole
+
+
+def test_fit_report_fits_or_suggests_the_largest_batch_and_recompute():
+    cfg = d12()
+    need = {b: estimate_memory(cfg, b, **opts())["peak"] * (1 + FIT_MARGIN) for b in (8, 16, 32)}
+    blocks32 = estimate_memory(cfg, 32, **opts("blocks"))["peak"] * (1 + FIT_MARGIN)
+    assert blocks32 < need[16]  # at d12, blocks recompute fits batch 32 where batch 16 barely does
+    a = args_for("--device-batch-size=32", "--total-batch-size=65536")
+    line, problem, suggestion = fit_report(a, cfg, 1, int(need[32]) + 1, opts())
+    assert problem is None and suggestion is None and "fits with a 5% margin" in line and "free on the device" in line
+    line, problem, suggestion = fit_report(a, cfg, 1, int(need[16]) + 1, opts())
+    assert suggestion == 16 and "--device-batch-size=16, the largest that fits" in problem
+    assert "--activation-checkpointing=blocks would fit batch 32" in problem
+    _, problem, suggestion = fit_report(a, cfg, 1, int(blocks32) - 1, opts())
+    assert "--activation-checkpointing=blocks would not fit batch 32" in problem
+    _, problem, suggestion = fit_report(a, cfg, 1, 1 * GiB, opts("blocks"))
+    assert suggestion is None and "no smaller --device-batch-size fits" in problem and "chunked" in problem
+    assert "--activation-checkpointing=blocks" not in problem  # already on
+    assert "\n" not in problem  # one line
+
+
+def test_memory_check_resolves_auto_then_checks_the_fit():
+    cfg = d12()
+    need16 = estimate_memory(cfg, 16, **opts())["peak"] * (1 + FIT_MARGIN)
+    a = args_for("--device-batch-size=auto", "--total-batch-size=65536", "--eval-tokens=65536")
+    lines, problems = memory_check(a, cfg, 1, int(need16) + 1, opts())
+    assert problems == [] and a.device_batch_size == 16
+    assert lines[0].startswith("device batch: auto -> 16") and lines[1].startswith("memory: estimated peak")
+    # CPU: no free memory, no fit line
+    a = args_for("--device-batch-size=auto", "--total-batch-size=65536", "--eval-tokens=65536")
+    lines, problems = memory_check(a, cfg, 1, None, opts())
+    assert problems == [] and a.device_batch_size == 32 and len(lines) == 1
+    # the chosen batch still has to leave one evaluation batch
+    a = args_for("--device-batch-size=auto", "--total-batch-size=65536", "--eval-tokens=1024")
+    _, problems = memory_check(a, cfg, 1, None, opts())
+    assert len(problems) == 1 and "--eval-tokens=1024" in problems[0]
+    # a fixed batch that does not fit is the one problem
+    a = args_for("--device-batch-size=32", "--total-batch-size=65536")
+    lines, problems = memory_check(a, cfg, 1, int(need16) + 1, opts())
+    assert len(problems) == 1 and "does not fit" in problems[0] and a.device_batch_size == 32
+
+
+def test_dry_run_with_auto_batch(tiny_tokenizer, tmp_path_factory, monkeypatch):
+    base = base_with_tokenizer(tmp_path_factory, "dry_auto", tiny_tokenizer)
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
+    common = ["--depth=2", "--max-seq-len=64", "--total-batch-size=2048", "--num-iterations=5", "--eval-every=-1",
+              "--device-batch-size=auto"]
+    args = build_parser().parse_args(common + ["--device-type=cpu", "--activation-checkpointing=blocks"])
+    report, problems = dry_run_report(args, {}, "cpu", 1)
+    assert problems == [] and "device batch: auto -> 32" in report and "recompute blocks" in report
+    assert "batch: 2,048 tokens per step = 32 x 64 x 1 ranks x 1 accum steps" in report
+    assert re.search(r'--device-batch-size +"auto"', report) and args.device_batch_size == "auto"  # as asked
+    report, problems = dry_run_report(build_parser().parse_args(common + ["--device-type=cuda"]), {}, "cuda", 1)
+    assert problems == [] and "chosen at start from the device's free memory" in report and "32 -> " in report
+
+
+# ---------------------------------------------------------------------------------------------
+# through base_train on CPU
+
+
+def _step_losses(path):
+    with open(path, encoding="utf-8") as f:
+        return [r["loss"] for r in map(json.loads, filter(str.strip, f)) if r["kind"] == "step"]
+
+
+@pytest.fixture(scope="module")
+def mem_base(tiny_tokenizer, tmp_path_factory):
+    return base_with_tokenizer(tmp_path_factory, "memory", tiny_tokenizer)
+
+
+def test_base_train_recompute_gives_the_same_losses(mem_base, tmp_path):
+    losses = {}
+    for mode in ("none", "blocks"):  # selective: the unit tests above
+        metrics = tmp_path / f"{mode}.jsonl"
+        out = run(["-m", "scripts.base_train", *TINY, "--num-iterations=4", "--eval-every=-1",
+                   f"--activation-checkpointing={mode}", f"--model-tag=ac_{mode}", f"--metrics-file={metrics}"], mem_base)
+        assert "WARNING" not in out.stdout
+        losses[mode] = _step_losses(metrics)
+    assert len(losses["none"]) == 4
+    assert losses["blocks"] == losses["none"]
+
+
+def test_base_train_auto_batch_on_cpu(mem_base, tmp_path):
+    args = [a for a in TINY if not a.startswith("--device-batch-size")]
+    out = run(["-m", "scripts.base_train", *args, "--device-batch-size=auto", "--num-iterations=2", "--eval-every=-1",
+               "--model-tag=auto"], mem_base)
+    assert "device batch: auto -> 8 (no device memory to fit against off CUDA" in out.stdout
+    assert "batch: 8 x 64 x 1 ranks x 1 accum steps" in out.stdout
+    assert os.path.isdir(os.path.join(mem_base, "base_checkpoints", "auto"))
+
