@@ -16,7 +16,7 @@ STEP = 3
 
 
 def make_tiny_checkpoint(tmp_path_factory, tokenizer_dir, name="tiny_ckpt_base", tag="tiny", ema=True):
-    """A base dir with the session's tokenizer and base_checkpoints/<tag>/step_000003 holding a
+    """A base dir with the test run's tokenizer and base_checkpoints/<tag>/step_000003 holding a
     depth-2 model (weights perturbed so its samples vary) and, with `ema`, EMA tensors beside it."""
     base = base_with_tokenizer(tmp_path_factory, name, tokenizer_dir)
     vocab = Tokenizer.load(os.path.join(base, "tokenizer")).get_vocab_size()
