@@ -323,7 +323,7 @@ def auto_device_batch(args: argparse.Namespace, cfg: GPTConfig, world_size: int,
                       f"{FIT_MARGIN:.0%} margin{_smaller_model_hint(opts)}")
     batch = fitting[0]
     bigger = [b for b in candidates if b > batch]
-    why = f"; {bigger[-1]} would need {_fmt_bytes(peaks[bigger[-1]])}" if bigger else " (the whole batch per rank)"
+    why = f"; {bigger[-1]} would need an estimated {_fmt_bytes(peaks[bigger[-1]])}" if bigger else " (the whole batch per rank)"
     return batch, (f"device batch: auto -> {batch}, the largest power of two <= {per_rank} sequences per rank whose "
                    f"estimated peak, {_fmt_bytes(peaks[batch])}, fits the free {_fmt_bytes(free_bytes)} with a "
                    f"{FIT_MARGIN:.0%} margin{why}; --total-batch-size kept by gradient accumulation")

@@ -48,6 +48,21 @@ def loss_and_grads(model, active_start=0, skip=()):
     return loss.detach(), {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
 
 
+def saved_bytes(model):
+    """Bytes that a full training forward saves for backward (parameters excluded), as seen by
+    saved-tensor hooks: what a compiled region's graph keeps (the selective policy's eager cache
+    is outside these hooks; MemTracker below counts that)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(*batch())
+    return sum(v for k, v in storages.items() if k not in params)
+
+
 def assert_same(ref, got, atol=0.0):
     (l0, g0), (l1, g1) = ref, got
     torch.testing.assert_close(l1, l0, atol=atol, rtol=0)
@@ -91,11 +106,11 @@ def test_no_recompute_without_autograd():
 def test_recompute_under_regional_compile():
     """The checkpoint is traced inside each block's compiled region (aot_eager: dynamo and the
     AOTAutograd partitioner, without inductor's C++ build): same numbers as eager without
-    recompute, the model stays compiled, and no more graphs than without recompute."""
+    recompute, the model stays compiled, no more graphs than without recompute, and less saved."""
     import torch._dynamo
     from torch._dynamo.utils import counters
     ref = [loss_and_grads(tiny_model(), a, s) for a, s in PLANS]
-    graphs = {}
+    graphs, saved = {}, {}
     try:
         for mode in RECOMPUTE_MODES:
             m = tiny_model(mode)
@@ -108,9 +123,12 @@ def test_recompute_under_regional_compile():
                 m(*batch())
             assert m._compiled, mode  # no fallback to eager
             graphs[mode] = counters["stats"]["unique_graphs"]
+            saved[mode] = saved_bytes(m)
     finally:
         torch._dynamo.reset()
     assert graphs["blocks"] == graphs["selective"] == graphs["none"]
+    # the compiled backward really recomputes: what the graphs save for it shrinks
+    assert saved["blocks"] < 0.5 * saved["none"] and saved["blocks"] < saved["selective"] < 0.8 * saved["none"]
 
 
 @pytest.mark.slow
@@ -361,3 +379,14 @@ def test_base_train_auto_batch_on_cpu(mem_base, tmp_path):
     assert "batch: 8 x 64 x 1 ranks x 1 accum steps" in out.stdout
     assert os.path.isdir(os.path.join(mem_base, "base_checkpoints", "auto"))
 
+
+
+def test_bench_memory_imports_and_needs_cuda():
+    """scripts/bench_memory.py measures on CUDA only; on CPU it is imported and its refusal checked."""
+    from scripts import bench_memory
+    args = bench_memory.parse(["--depths=2", "--seq-lens=64", "--batches=2,4", "--modes=none,blocks"])
+    assert bench_memory.ints(args.batches) == [2, 4] and bench_memory.model_config(args, 2, 64).n_layer == 2
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as e:
+            bench_memory.main([])
+        assert e.value.code == 2
