@@ -9,6 +9,7 @@ say what fits, with a fake free-memory number standing in for the device."""
 import json
 import os
 import re
+import subprocess
 
 import pytest
 import torch
@@ -148,11 +149,15 @@ def test_recompute_under_inductor_on_cpu(mode):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("mode", RECOMPUTE_MODES)
-def test_gpu_recompute_bf16_compiled_saves_memory(mode):
-    """On CUDA (bf16 autocast, inductor, the Triton loss): recompute matches no recompute within
-    bf16 noise, and the step's peak memory does not grow."""
+def test_gpu_recompute_bf16_compiled_saves_memory(mode, fp8):
+    """On CUDA (bf16 autocast, inductor, the Triton loss, optionally FP8 linears): recompute
+    matches no recompute within bf16 noise, and the step's peak memory does not grow."""
     import torch._dynamo
+    from nanochat.fp8 import Fp8Options, check_fp8_hardware, convert_to_fp8
+    if fp8 and (problem := check_fp8_hardware("cuda")):
+        pytest.skip(problem)
     cfg = GPTConfig(sequence_len=512, vocab_size=4096, n_layer=6, n_head=4, n_kv_head=4, n_embd=256)
     x = torch.randint(0, 4096, (8, 512), device="cuda")
     out = {}
@@ -161,6 +166,8 @@ def test_gpu_recompute_bf16_compiled_saves_memory(mode):
         m = GPT(cfg, ModelRuntime(compute_dtype=torch.bfloat16, activation_checkpointing=m_mode,
                                   lm_ce_kernel="triton")).cuda()
         m.init_weights()
+        if fp8:
+            convert_to_fp8(m, Fp8Options(enabled=True))
         torch._dynamo.reset()
         m.compile_regions(dynamic=False)
         for _ in range(2):
@@ -170,6 +177,9 @@ def test_gpu_recompute_bf16_compiled_saves_memory(mode):
                 loss = m(x, x)
             loss.backward()
         out[m_mode] = (loss.item(), torch.cuda.max_memory_allocated(), m.lm_head.weight.grad.float().norm().item())
+        del m, loss
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
     torch._dynamo.reset()
     assert abs(out[mode][0] - out["none"][0]) < 1e-2
     assert abs(out[mode][2] - out["none"][2]) / out["none"][2] < 2e-2
@@ -390,3 +400,16 @@ def test_bench_memory_imports_and_needs_cuda():
         with pytest.raises(SystemExit) as e:
             bench_memory.main([])
         assert e.value.code == 2
+
+
+def test_runner_maps_the_recompute_mode_and_an_auto_batch(tmp_path):
+    runner = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "runs", "speedrun_small.sh")
+    env = {**os.environ, "DRY_RUN": "1", "SKIP_SETUP": "1", "NANOCHAT_BASE_DIR": str(tmp_path)}
+    out = subprocess.run(["bash", runner], env={**env, "ACTIVATION_CHECKPOINTING": "selective", "DEVICE_BATCH_SIZE": "auto"},
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    cmd = out.stdout.strip().splitlines()[-1]
+    assert "--activation-checkpointing=selective" in cmd and "--device-batch-size=auto" in cmd
+    out = subprocess.run(["bash", runner], env={**env, "ACTIVATION_CHECKPOINTING": "all"}, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2 and "ACTIVATION_CHECKPOINTING" in out.stderr
