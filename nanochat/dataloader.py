@@ -475,14 +475,17 @@ def build_eval_loader(tokenizer, batch_size: int, seq_len: int, split: str = "va
     stream and keeps batches rank, rank + W, rank + 2W, ..., so the first n * W batches over all
     ranks are exactly the first n * W batches one process reads and val bpb is measured on the
     same tokens however many ranks there are. (Each rank tokenizes the whole stream; the val
-    shard is small.) Warns once if the evaluation wraps around the split, i.e. counts rows twice."""
+    shard is small.) Ends at the end of the split, with one warning, instead of wrapping around:
+    a row is never counted twice, and an --eval-tokens far beyond the split cannot turn one
+    evaluation into hours of re-reading it."""
     stream = build_loader(tokenizer, batch_size, seq_len, split, device=device, rank=0, world_size=1,
                           data_dir=data_dir)
-    warned = False
     for i, (x, y, state) in enumerate(stream):
-        if state.get("epoch", 0) > 0 and not warned:
-            warned = True
-            print0(f"WARNING: evaluation wrapped around the {split} split after {i} batches: rows are counted "
-                   f"more than once; lower --eval-tokens to at most {i * batch_size * seq_len:,}")
+        if state.get("epoch", 0) > 0:
+            print0(f"WARNING: evaluation wrapped around the {split} split after {i} batches: it stops there, so val "
+                   f"bpb is measured on those {i * batch_size * seq_len:,} tokens (each row once); lower "
+                   f"--eval-tokens to at most {i * batch_size * seq_len:,} to silence this")
+            stream.close()
+            return
         if i % world_size == rank:
             yield x, y, state

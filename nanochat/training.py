@@ -15,6 +15,7 @@ The step (`StepRunner.train_step`), in order:
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from contextlib import nullcontext
@@ -144,9 +145,9 @@ class ValEvaluator:
     def __call__(self, model) -> float:
         if self.batches is None:
             loader = self.make_loader()
-            self.batches = [next(loader)[:2] for _ in range(self.steps)]
+            self.batches = [b[:2] for b in itertools.islice(loader, self.steps)]  # fewer if the split ends first
             loader.close()
-        return evaluate_bpb(model, iter(self.batches), self.steps, self.token_bytes, self.autocast_ctx)
+        return evaluate_bpb(model, iter(self.batches), len(self.batches), self.token_bytes, self.autocast_ctx)
 
 
 # ---------------------------------------------------------------------------------------------

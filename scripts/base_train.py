@@ -433,8 +433,8 @@ def main():
             t_eval = time.time()
             with eval_mode(model, ema):
                 state.record_eval(evaluate(model))
-            print0(f"step {step:05d} | val bpb {state.val_bpb:.4f} | {eval_steps * args.device_batch_size * args.max_seq_len * world_size:,} "
-                   f"tokens in {time.time() - t_eval:.1f}s")
+            eval_tokens = len(evaluate.batches) * args.device_batch_size * args.max_seq_len * world_size
+            print0(f"step {step:05d} | val bpb {state.val_bpb:.4f} | {eval_tokens:,} tokens in {time.time() - t_eval:.1f}s")
             metrics.write({"kind": "eval", "step": step, "val_bpb": state.val_bpb, "train_elapsed": state.train_elapsed,
                            "tokens": step * total_batch_size})
             metrics.wandb({"step": step, "val/bpb": state.val_bpb, "total_training_time": state.total_training_time})

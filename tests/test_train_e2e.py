@@ -146,3 +146,13 @@ def test_nonfinite_loss_never_reaches_the_optimizer(trained_base):
     for k in good:
         if k != "lm_head.weight":
             assert torch.equal(after[k], good[k]), k
+
+
+def test_eval_tokens_beyond_the_split_stop_at_its_end(trained_base, tmp_path):
+    """An --eval-tokens far beyond the val split evaluates the split once (with one warning)
+    instead of re-reading it for hours; the eval record says how many tokens were measured."""
+    metrics = tmp_path / "m.jsonl"
+    out = run(["-m", "scripts.base_train", *TINY, "--num-iterations=1", "--eval-every=1", "--eval-tokens=17179869184",
+               "--model-tag=evalcap", f"--metrics-file={metrics}"], trained_base, timeout=240)
+    assert out.stdout.count("WARNING: evaluation wrapped around the val split") == 1
+    assert len(read_metrics(metrics, "eval")) == 2 and "it stops there" in out.stdout
