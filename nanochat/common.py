@@ -68,6 +68,8 @@ def compute_init(device_type: str):
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     elif device_type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UsageError("--device-type=mps but MPS is not available on this machine; use --device-type=cpu")
         device = torch.device("mps")
     else:
         device = torch.device("cpu")

@@ -157,7 +157,7 @@ def horizon_problems(resume_step: int | None, plan: Horizon) -> list[str]:
     (or build its per-micro-step streams) practically forever."""
     problems = []
     if plan.steps_from in ("--target-flops", "--target-param-data-ratio") and plan.num_iterations > MAX_STEPS:
-        problems.append(f"{plan.steps_from} gives {plan.num_iterations:,} steps of {plan.total_batch_size:,} tokens, "
+        problems.append(f"{plan.steps_from} gives {plan.num_iterations:.3g} steps of {plan.total_batch_size:,} tokens, "
                         f"more than {MAX_STEPS:,}; lower {plan.steps_from} or raise --total-batch-size")
     if plan.auto_batch and (plan.total_batch_size > MAX_TOTAL_BATCH or plan.grad_accum_steps > MAX_GRAD_ACCUM):
         problems.append(f"the auto batch size is {plan.total_batch_size:,} tokens ({plan.grad_accum_steps:,} "

@@ -143,3 +143,13 @@ def test_wandb_missing_package_is_a_warning(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
     assert isinstance(init_wandb("d12", {}, True), DummyWandb)
     assert "wandb is not installed" in capsys.readouterr().out
+
+
+def test_mps_requested_without_mps_is_a_usage_error(monkeypatch):
+    import pytest
+    import torch
+
+    from nanochat.common import UsageError, compute_init
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(UsageError, match="--device-type=mps but MPS is not available"):
+        compute_init("mps")
