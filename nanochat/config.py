@@ -150,6 +150,8 @@ class RunFlags(_Flags):
 
     GROUP: ClassVar[str] = "runtime"
     run: str = flag("dummy", "wandb run name; 'dummy' disables wandb", group="logging")
+    wandb_log_every: int = flag(100, "log every step metric to wandb each N steps (evaluations always; the "
+                                     "--metrics-file has every step)", group="logging")
     device_type: str = flag("", "cuda | cpu | mps; empty = autodetect")
     seed: int = flag(42, "seed for weight init (the data order is fixed)")
     no_compile: bool = flag(False, "run eager (no torch.compile); for debugging or CPU")
@@ -165,6 +167,7 @@ class RunFlags(_Flags):
 
     def validate(self) -> list[str]:
         p = _Problems()
+        p.at_least(self, "wandb_log_every", 1)
         p.need(self.device_type in ("", "cuda", "cpu", "mps"),
                f"--device-type={self.device_type!r} must be cuda, cpu, mps or empty (autodetect)")
         p.need(0 <= self.seed <= MAX_SEED, f"--seed={self.seed} must be in [0, 2**63 - 1]")

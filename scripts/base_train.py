@@ -2,10 +2,8 @@
 
     python -m scripts.base_train --depth=12 --max-seq-len=1024 --device-batch-size=32 --total-batch-size=32768
     torchrun --nproc_per_node=2 -m scripts.base_train ...
-
-CPU example (tiny, minutes):
     python -m scripts.base_train --device-type=cpu --depth=4 --max-seq-len=256 --device-batch-size=8 \\
-        --total-batch-size=2048 --num-iterations=100 --eval-every=25 --eval-tokens=16384
+        --total-batch-size=2048 --num-iterations=100 --eval-every=25 --eval-tokens=16384   # CPU, minutes
 
 The script is wiring and reads top to bottom: args -> compute init -> tokenizer and model ->
 resume -> FP8 -> compile -> horizon -> optimizer -> block schedule -> data -> loop (evaluate, save,
@@ -35,7 +33,7 @@ from nanochat.checkpoint import (CheckpointError, check_state_dict_keys, diff_mo
                                  lock_checkpoint_dir, save_checkpoint, set_aside_newer)
 from nanochat.common import (UsageError, autodetect_device_type, compute_cleanup, compute_init, get_base_dir,
                              get_dist_info, get_peak_flops, init_wandb, print0, run_provenance)
-from nanochat.config import build_parser, parse_args, validate_args  # noqa: F401 (re-exported for tools and tests)
+from nanochat.config import build_parser, parse_args
 from nanochat.core_eval import BundleError, ensure_eval_bundle, evaluate_core, load_bundle
 from nanochat.dataloader import build_eval_loader, build_train_loader, train_resume_state
 from nanochat.dataset import DataError
@@ -277,7 +275,8 @@ def main():
     autocast_ctx = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if cuda else nullcontext()
     provenance = run_provenance()
     print0(f"run: {json.dumps(provenance)}")
-    print0(f"args: {json.dumps(user_config)}")
+    parser = build_parser()  # every value is in the checkpoints and the metrics file; the log shows the changed ones
+    print0(f"args (not at their defaults): {json.dumps({k: v for k, v in user_config.items() if v != parser.get_default(k)})}")
 
     # -----------------------------------------------------------------------------
     # Tokenizer and model (runtime options go in through ModelRuntime; GPTConfig is what is saved)
@@ -293,8 +292,8 @@ def main():
     # Peak-memory estimate vs the device's free memory, before any allocation: stops a batch that cannot fit, picks auto
     mem_lines, problems = memory_check(args, model_config, world_size, free_device_memory(device, ddp),
                                        memory_options(args, device_type, ce_kernel))
-    for line in mem_lines:
-        print0(line)
+    if mem_lines:
+        print0(*mem_lines, sep="\n")
     if problems:
         fail(problems, code=1)
     runtime = ModelRuntime(compute_dtype=compute_dtype, attn_backend=attn_backend, lm_ce_backend=args.lm_ce_backend,
@@ -394,7 +393,7 @@ def main():
     clock = StepClock(state, sync=torch.cuda.synchronize if cuda else (lambda: None), launch_time=t_launch)
     # a resumed run continues its wandb run: the id rides in the checkpoints
     wandb_run = init_wandb(args.run, {**user_config, **provenance}, master, run_id=meta.get("wandb_id"))
-    metrics = MetricsLog(args.metrics_file, master, wandb_run)
+    metrics = MetricsLog(args.metrics_file, master, wandb_run, wandb_every=args.wandb_log_every)
     metrics.write({"kind": "run", "args": user_config, "depth": args.depth, "n_layer": model_config.n_layer,
                    "schedule": args.block_update_schedule, "horizon": {**lr.describe(), "total_batch_size": total_batch_size},
                    "eval_tokens": eval_steps * args.device_batch_size * args.max_seq_len * world_size,
@@ -482,8 +481,7 @@ def main():
 
 
 def cli() -> None:
-    """`main()` with the failures a user can act on turned into one line instead of a traceback.
-    Mid-run, the last saved checkpoint is untouched; a half-done step cannot be saved."""
+    """`main()` with the failures a user can act on as one line, not a traceback (checkpoints untouched)."""
     try:
         main()
     except TrainingStopped as e:  # a non-finite step beyond --skip-nonfinite-steps, or non-finite weights
