@@ -229,13 +229,31 @@ else
 fi
 
 # ---------------------------------------------------------------------------- train
+# A stop signal to this script (SIGTERM, SIGINT) goes to the trainer: every rank finishes its
+# step, saves and exits 0. Under torchrun it goes to the worker processes, not to torchrun, which
+# would stop them the same way but then exit 1 with a traceback of its own.
+stop_training() {
+  if [[ "$NPROC_PER_NODE" == 1 ]]; then kill -TERM "$1" 2>/dev/null || true
+  else pkill -TERM -P "$1" 2>/dev/null || true; fi
+}
+train() {
+  "${CMD[@]}" &
+  local pid=$! rc=0
+  trap 'stop_training '"$pid" TERM INT
+  while :; do
+    wait "$pid" && rc=0 || rc=$?
+    kill -0 "$pid" 2>/dev/null || break  # else a trapped signal cut the wait short: the run is saving
+  done
+  trap - TERM INT
+  return "$rc"
+}
 say "[train] $RUN_TAG"
 [[ -z "$METRICS" ]] || mkdir -p "$(dirname "$METRICS")"
 if [[ -n "$LOG_FILE" ]]; then
   mkdir -p "$(dirname "$LOG_FILE")"
-  "${CMD[@]}" 2>&1 | tee "$LOG_FILE"
+  train > >(tee "$LOG_FILE") 2>&1
 else
-  "${CMD[@]}"
+  train
 fi
 
 # ---------------------------------------------------------------------------- report

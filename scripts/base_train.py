@@ -442,7 +442,7 @@ def main():
             runner.settle()
             with eval_mode(model, ema, eager=True):
                 core = evaluate_core(model, tokenizer, core_bundle, device, args.core_metric_max_per_task,
-                                     max_seq_len=args.max_seq_len, autocast_ctx=autocast_ctx)
+                                     max_seq_len=args.max_seq_len, autocast_ctx=autocast_ctx, log=print0)
             print0(f"step {step:05d} | CORE {core['core']:.4f} | {len(core['centered'])} tasks in {core['seconds']:.1f}s")
             metrics.write({"kind": "core", "step": step, "train_elapsed": state.train_elapsed,
                            **{k: core[k] for k in ("core", "centered", "accuracy", "seconds")}})

@@ -216,3 +216,34 @@ def test_download_prints_a_line_per_shard(tmp_path, monkeypatch, capsys):
     assert [ln.split("]")[0] for ln in lines] == ["[1/3", "[2/3", "[3/3"]
     assert sum(f"{val}: already present" in ln for ln in lines) == 1
     assert sum("shard_00001.parquet: 2 MB" in ln for ln in lines) == 1
+
+
+def test_sigterm_to_the_runner_under_torchrun_saves_and_exits_0(tmp_path_factory, tiny_tokenizer):
+    """SIGTERM to the runner reaches the torchrun workers, not torchrun: every rank finishes its step
+    and saves, and the runner exits 0 with no traceback (torchrun signalled itself exits 1)."""
+    import signal
+    import time
+
+    from tests.helpers import base_with_tokenizer
+    base = base_with_tokenizer(tmp_path_factory, "sigterm_runner", tiny_tokenizer)
+    log = tmp_path_factory.mktemp("sigterm_log") / "train.log"
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base), "SKIP_SETUP": "1", "PREPARE_DATA": "0", "REPORT": "0",
+           "NPROC_PER_NODE": "2", "DEPTH": "2", "ASPECT_RATIO": "32", "HEAD_DIM": "32", "MAX_SEQ_LEN": "64",
+           "DEVICE_BATCH_SIZE": "4", "TOTAL_BATCH_SIZE": "512", "NUM_ITERATIONS": "100000", "EVAL_EVERY": "-1",
+           "MODEL_TAG": "sigterm", "LOG_FILE": str(log), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(["bash", RUNNER], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and not (log.exists() and re.search(r"^step 00001/", log.read_text(), re.M)):
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    assert "received SIGTERM" in out and "Traceback" not in out, out[-3000:]
+    saved = re.search(r"checkpoint step (\d+) saved", out)
+    assert saved and os.path.isfile(os.path.join(base, "base_checkpoints", "sigterm", f"step_{int(saved.group(1)):06d}",
+                                                 "DONE"))
