@@ -47,6 +47,8 @@ import statistics
 import sys
 from dataclasses import dataclass, field
 
+from nanochat.usage import OneLineParser
+
 SPEC_COLUMNS = ["variant", "schedule", "num_iterations", "elapsed_sec", "max_tok_per_sec", "avg_tok_per_sec",
                 "final_loss", "min_val_bpb", "avg_step_peak_vram_mib", "peak_vram_mib", "active_layers_mean",
                 "active_layers_range"]
@@ -1311,24 +1313,27 @@ def write_record(record_dir: str, results_dir: str, runs: list[dict]) -> list[st
     return written
 
 
-USAGE_ERROR = "compare_report: error: give one RESULTS_DIR, or several with --out MERGED_DIR"
+def build_parser() -> OneLineParser:
+    p = OneLineParser(prog="python -m scripts.compare_report", description=__doc__.split("\n\n")[0])
+    p.add_argument("results_dirs", nargs="+", metavar="RESULTS_DIR",
+                   help="a results dir of runs/dynamic_suffix_compare.sh; several are merged with --out")
+    p.add_argument("--out", default=None, help="write the merged report of several results dirs here")
+    p.add_argument("--record", default=None,
+                   help="copy the evidence (provenance, configs, runs.tsv, report, metrics JSONL, plot) to this "
+                        "records/YYYY-MM-DD_<what> folder")
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0 if argv else 2
-    opts = {}
-    for name in ("--out", "--record"):
-        if name in argv:
-            i = argv.index(name)
-            if i + 1 >= len(argv):
-                print(f"compare_report: error: {name} needs a directory", file=sys.stderr)
-                return 2
-            opts[name], argv = argv[i + 1], argv[:i] + argv[i + 2:]
-    if not argv or (len(argv) > 1 and "--out" not in opts):
-        print(USAGE_ERROR, file=sys.stderr)
+    """Exit code 0, or 2 for a usage problem (one line on stderr)."""
+    try:
+        args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    except SystemExit as e:  # argparse has printed its one line (or the help)
+        return int(e.code or 0)
+    argv, opts = args.results_dirs, {k: v for k, v in (("--out", args.out), ("--record", args.record)) if v}
+    if len(argv) > 1 and not args.out:
+        print("compare_report: error: give one RESULTS_DIR, or several with --out MERGED_DIR "
+              "(see python -m scripts.compare_report --help)", file=sys.stderr)
         return 2
     missing = [d for d in argv if not os.path.isdir(d)]
     if missing:
