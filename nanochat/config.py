@@ -842,7 +842,10 @@ Runner controls: `SKIP_SETUP=1` (use the existing environment), `PREPARE_DATA=au
 shards / train the tokenizer when missing, never, always), `NUM_SHARDS`, `DATASET`
 (`climbmix` or `fineweb-edu`), `TOK_VOCAB_SIZE`, `TOK_MAX_CHARS`, `NPROC_PER_NODE` (torchrun when
 above 1), `LOG_FILE` (tee the output), `DRY_RUN=1` (print the resolved command and exit),
-`BASE_TRAIN_EXTRA_ARGS`.
+`BASE_TRAIN_EXTRA_ARGS`, `REPORT=0` (no end-of-run report), `REPORT_SAMPLES` (samples in the
+report, default 3). nanochat's names are accepted too: `WANDB_RUN` (= `RUN_NAME`, i.e. `--run`) and
+`WANDB_PROJECT` (the wandb project, default `nanochat`). A variable with one of the runner's
+prefixes that it does not know (`NUM_ITERS=5`) stops it before anything runs, with a did-you-mean.
 """
 
 
