@@ -845,7 +845,7 @@ above 1), `LOG_FILE` (tee the output), `DRY_RUN=1` (print the resolved command a
 `BASE_TRAIN_EXTRA_ARGS`, `REPORT=0` (no end-of-run report), `REPORT_SAMPLES` (samples in the
 report, default 3). nanochat's names are accepted too: `WANDB_RUN` (= `RUN_NAME`, i.e. `--run`) and
 `WANDB_PROJECT` (the wandb project, default `nanochat`). A variable with one of the runner's
-prefixes that it does not know (`NUM_ITERS=5`) stops it before anything runs, with a did-you-mean.
+prefixes that it does not know (a typo) stops it before anything runs, with a did-you-mean.
 """
 
 
