@@ -179,8 +179,6 @@ class RunInfo:
     show_horizon: bool  # print "/num_iterations" after the step number
     compiled: bool
     peak_flops: float | None
-    skip_nonfinite_steps: int
-    debug_max_nonfinite: int
 
 
 class StepRunner:
@@ -203,7 +201,7 @@ class StepRunner:
         self.readers = (ScalarReader(info.device), ScalarReader(info.device))  # steps N and N+1 in flight
         self.pending: StepRecord | None = None  # the step whose loss is read one step late
         self.peak_step_mem = 0.0  # MiB, the largest per-step peak of this process
-        self.flops_by_plan = {StepPlan().key(): model.estimate_flops()}
+        self.flops_by_plan: dict = {}  # training FLOPs per token by plan, for MFU
         self.n_layer = model.config.n_layer
         self._cuda = info.device_type == "cuda"
         self._max_memory = torch.cuda.max_memory_allocated if self._cuda else (lambda: 0)
@@ -263,7 +261,7 @@ class StepRunner:
             train_loss = loss_mean.item()
             problem = self.guard.check_before_step(train_loss)
             # (any_rank is a collective: every rank calls it, whatever its own answer)
-            if info.ddp and info.skip_nonfinite_steps > 0 and any_rank(problem is not None, info.device, info.ddp) \
+            if info.ddp and self.guard.max_skips > 0 and any_rank(problem is not None, info.device, info.ddp) \
                     and not problem:
                 problem = "non-finite gradients on another rank"  # every rank must skip together
             if problem:
@@ -350,7 +348,7 @@ class StepRunner:
         or was skipped on the device): count it (--skip-nonfinite-steps) or stop the run."""
         skip = self.guard.on_bad_step()
         self.state.nonfinite_streak = self.guard.consecutive
-        limit = self.info.skip_nonfinite_steps
+        limit = self.guard.max_skips  # --skip-nonfinite-steps
         if not skip:
             in_a_row = f" ({self.guard.consecutive} in a row, --skip-nonfinite-steps={limit})" if limit > 0 else ""
             raise TrainingStopped(f"step {k:05d} | {problem}; stopping without its optimizer update{in_a_row}. "
@@ -402,7 +400,7 @@ class StepRunner:
         bad = nonfinite_tensors(list(self.model.named_parameters()))
         if bad:
             raise TrainingStopped(f"step {self.state.step:05d} | not saving a checkpoint: non-finite parameters "
-                                  f"({len(bad)}): {format_names(bad, self.info.debug_max_nonfinite)}. "
+                                  f"({len(bad)}): {format_names(bad, self.guard.max_names)}. "
                                   f"The last saved checkpoint is untouched.")
 
     def loader_states(self) -> list:

@@ -404,8 +404,7 @@ def main():
         RunInfo(device_type=device_type, device=device, ddp=ddp, world_size=world_size,
                 grad_accum_steps=grad_accum_steps, total_batch_size=total_batch_size, num_iterations=num_iterations,
                 time_budget=time_budget, show_horizon=not (time_budget and args.num_iterations <= 0), compiled=compiled,
-                peak_flops=get_peak_flops(torch.cuda.get_device_name(device)) if cuda else None,
-                skip_nonfinite_steps=args.skip_nonfinite_steps, debug_max_nonfinite=args.debug_max_nonfinite),
+                peak_flops=get_peak_flops(torch.cuda.get_device_name(device)) if cuda else None),
         model=model, optimizer=optimizer, schedule=schedule, batches=batches, state=state, clock=clock, lr=lr,
         metrics=metrics, guard=guard, mem_probe=mem_probe, autocast_ctx=autocast_ctx, ema=ema, spikes=spikes,
         fault_inject=fault_inject, debug_nan=args.debug_nan)
@@ -434,8 +433,8 @@ def main():
                 state.record_eval(evaluate(model))
             eval_tokens = len(evaluate.batches) * args.device_batch_size * args.max_seq_len * world_size
             print0(f"step {step:05d} | val bpb {state.val_bpb:.4f} | {eval_tokens:,} tokens in {time.time() - t_eval:.1f}s")
-            metrics.write({"kind": "eval", "step": step, "val_bpb": state.val_bpb, "train_elapsed": state.train_elapsed,
-                           "tokens": step * total_batch_size})
+            metrics.write({"kind": "eval", "step": step, "val_bpb": state.val_bpb, "eval_tokens": eval_tokens,
+                           "train_elapsed": state.train_elapsed, "tokens": step * total_batch_size})
             metrics.wandb({"step": step, "val/bpb": state.val_bpb, "total_training_time": state.total_training_time})
         # CORE and samples have varying shapes: they run the uncompiled forward (eager=True).
         if core_bundle and (last_step or (step > 0 and step % args.core_metric_every == 0)):

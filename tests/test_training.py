@@ -66,7 +66,7 @@ def make_runner(tmp_path, *, schedule=None, skip_nonfinite_steps=-1, fault_injec
     state = TrainState()
     info = RunInfo(device_type="cpu", device="cpu", ddp=False, world_size=1, grad_accum_steps=ACCUM,
                    total_batch_size=TOKENS, num_iterations=num_iterations, time_budget=None, show_horizon=True,
-                   compiled=False, peak_flops=None, skip_nonfinite_steps=skip_nonfinite_steps, debug_max_nonfinite=5)
+                   compiled=False, peak_flops=None)
     metrics = MetricsLog(str(tmp_path / "metrics.jsonl"), True, FakeWandb(), wandb_every=1)
     guard = NonFiniteGuard(list(model.named_parameters()), max_skips=skip_nonfinite_steps)
     return StepRunner(info, model=model, optimizer=opt, schedule=sched, batches=Batches(loader()), state=state,
