@@ -70,7 +70,9 @@
 #                         single seed's time-to-target ratio by ~0.1 (optimizations/dynamic_suffix.md).
 #   MAX_RUNS=0            run at most this many arm runs now (0 = all), e.g. to fit a time limit;
 #   RESUME=1              then continue in the same RESULTS_DIR with the same variables: runs already
-#                         in its runs.tsv with exit code 0 are skipped (their commands must match)
+#                         in its runs.tsv with exit code 0 are skipped (their commands must match).
+#                         A RESUME call may also add seeds, arms or budget fractions (the plan grows;
+#                         compare_config.txt holds the latest), never drop a run already done
 #   SKIP_SETUP, PREPARE_DATA apply once (to the first run); every later run gets SKIP_SETUP=1 PREPARE_DATA=0.
 # Run-specific variables (SEED, MODEL_TAG, METRICS_FILE, LOG_FILE, USE_FP8, FP8_BACKEND, FP8_RECIPE,
 # BLOCK_UPDATE_SCHEDULE) are set per run here; setting them yourself is an error (exit 2).
@@ -506,7 +508,9 @@ if [[ "$DRY_RUN" == 1 ]]; then exit 0; fi
 mkdir -p "$RESULTS_DIR"
 if [[ ! -e "$MANIFEST" ]]; then
   printf 'run_id\tvariant\tschedule\tseed\torder\ttime_budget_sec\twall_sec\texit_code\tmetrics_file\tlog_file\tcommand\trole\tdepth\tbudget_fraction\n' > "$MANIFEST"
-  { echo "mode: $MODE"; echo "seeds: ${SEED_LIST[*]}"; echo "fp8: $USE_FP8_COMPARE${FP8_BACKEND_COMPARE:+ backend=$FP8_BACKEND_COMPARE}${FP8_RECIPE_COMPARE:+ recipe=$FP8_RECIPE_COMPARE}";
+fi
+# The plan of this call: a RESUME call may have added seeds, arms or fractions to it.
+{ echo "mode: $MODE"; echo "seeds: ${SEED_LIST[*]}"; echo "fp8: $USE_FP8_COMPARE${FP8_BACKEND_COMPARE:+ backend=$FP8_BACKEND_COMPARE}${FP8_RECIPE_COMPARE:+ recipe=$FP8_RECIPE_COMPARE}";
     if (( FRONTIER )); then
       echo "time_budget_sec: $TIME_BUDGET_SEC"; echo "baseline_depths: $BASELINE_DEPTHS"; echo "budget_fraction: ${BUDGET_FRACTION:-none}"
       for a in "${!ARM_NAMES[@]}"; do [[ "${ARM_ROLES[$a]}" != feature ]] || echo "arm ${ARM_NAMES[$a]}: --depth=${ARM_DEPTHS[$a]} ${ARM_FLAGS[$a]}"; done
@@ -514,7 +518,6 @@ if [[ ! -e "$MANIFEST" ]]; then
     echo "eval_tokens: ${EVAL_TOKENS:-runner default}"; echo "eval_every: ${EVAL_EVERY:-runner default}"
     echo "allow_unequal_schedules: $ALLOW_UNEQUAL_SCHEDULES"; echo "allow_few_eval_tokens: $ALLOW_FEW_EVAL_TOKENS"
     echo "gpu: $has_gpu"; echo "warmup_steps: $WARMUP_STEPS"; echo "compile_cache: $COMPILE_CACHE"; } > "$RESULTS_DIR/compare_config.txt"
-fi
 
 failed=0
 order=$n_rows

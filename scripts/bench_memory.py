@@ -1,17 +1,23 @@
 """Peak memory and speed of training steps per activation-recompute mode, on a card emulated to
 --memory-gib (24 by default): the measured side of docs/optimizations/memory.md.
 
-    python -m scripts.bench_memory --depths=12,20 --seq-lens=2048 --batches=4,8,16,32 \\
+    python -m scripts.bench_memory --depths=12,20 --seq-lens=2048 --batches=4,8,16 \\
         --modes=none,selective,blocks --memory-gib=24
+    python -m scripts.bench_memory --variants=20:none:4,20:blocks:16 --memory-gib=24
 
-Each (depth, sequence length, batch, mode) builds the model as base_train does (bf16 autocast,
-regional compile, the Triton softcapped CE, MuonAdamW) with `torch.cuda.set_per_process_memory_fraction`
-capping the caching allocator at --memory-gib, runs --warmup + --steps full training steps on random
-tokens, and reports the peak allocated memory, the median step time and tok/s, next to
-`nanochat.plan.estimate_memory`'s prediction and whether that prediction would have let base_train
-start. A step that does not fit is reported as OOM. The cap covers what PyTorch allocates; the
-CUDA context and cuBLAS workspaces are outside it, so a real 24 GiB card has a little less.
-The table is printed as markdown, ready for memory.md.
+Each (depth, sequence length, device batch, mode) builds the model as base_train does (bf16
+autocast, regional compile, the Triton softcapped CE, MuonAdamW) with
+`torch.cuda.set_per_process_memory_fraction` capping the caching allocator at --memory-gib, and
+times optimizer steps of --total-batch-size tokens on random tokens: total / (batch x seq)
+micro-steps of forward and backward, then one optimizer step, as base_train's gradient
+accumulation does (so a small device batch pays its extra micro-steps, not extra optimizer steps).
+It reports the peak allocated and reserved memory, the static bytes per parameter (weights,
+gradients, optimizer state: what stays allocated between backward and zero_grad once the
+activations are gone), the median step time and tok/s, next to `nanochat.plan.estimate_memory`'s
+prediction, whether that prediction lets base_train start, and which batch `--device-batch-size=auto`
+would pick for that depth and mode (`auto` column). A step that does not fit is reported as OOM.
+The cap covers what PyTorch allocates; the CUDA context and cuBLAS workspaces are outside it, so a
+real 24 GiB card has ~0.5 GiB less. The table is printed as markdown, ready for memory.md.
 """
 import argparse
 import gc
@@ -24,7 +30,7 @@ import torch._dynamo
 
 from nanochat.gpt import GPT, RECOMPUTE_MODES, ModelRuntime
 from nanochat.optim import MuonAdamW
-from nanochat.plan import estimate_memory, fits, model_config_from_args
+from nanochat.plan import batch_candidates, estimate_memory, fits, model_config_from_args
 
 GiB = 2 ** 30
 
@@ -33,8 +39,11 @@ def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--depths", default="12,20", help="comma-separated --depth values")
     p.add_argument("--seq-lens", default="2048", help="comma-separated --max-seq-len values")
-    p.add_argument("--batches", default="4,8,16,32", help="comma-separated --device-batch-size values")
+    p.add_argument("--batches", default="4,8,16", help="comma-separated --device-batch-size values")
     p.add_argument("--modes", default=",".join(RECOMPUTE_MODES), help="comma-separated --activation-checkpointing modes")
+    p.add_argument("--variants", default="", help="comma-separated depth:mode:batch triples, measured in this order at "
+                   "the first --seq-lens value, instead of the --depths x --batches x --modes grid")
+    p.add_argument("--total-batch-size", type=int, default=32768, help="tokens per optimizer step (gradient accumulation)")
     p.add_argument("--memory-gib", type=float, default=24.0, help="emulated card size (GiB); <= 0 = the whole device")
     p.add_argument("--aspect-ratio", type=int, default=64)
     p.add_argument("--head-dim", type=int, default=128)
@@ -42,8 +51,8 @@ def parse(argv=None):
     p.add_argument("--vocab-size", type=int, default=32768)
     p.add_argument("--lm-ce-kernel", default="triton", choices=["triton", "inductor"])
     p.add_argument("--no-compile", action="store_true", help="eager blocks (compiled by default, as base_train)")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5, help="timed optimizer steps")
+    p.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps after the compiling one")
     return p.parse_args(argv)
 
 
@@ -58,10 +67,42 @@ def model_config(args, depth: int, seq: int):
     return model_config_from_args(shape, args.vocab_size)
 
 
+def variants(args) -> list[tuple[int, int, int, str]]:
+    """(depth, seq, batch, mode) in measuring order: --variants, else the grid."""
+    if args.variants:
+        out = []
+        for v in args.variants.split(","):
+            depth, mode, batch = v.split(":")
+            if mode not in RECOMPUTE_MODES:
+                raise SystemExit(f"bench_memory: --variants: {mode!r} is not one of {', '.join(RECOMPUTE_MODES)}")
+            out.append((int(depth), ints(args.seq_lens)[0], int(batch), mode))
+        return out
+    return [(d, t, b, m) for d in ints(args.depths) for t in ints(args.seq_lens) for b in ints(args.batches)
+            for m in args.modes.split(",")]
+
+
+def accumulation(args, seq: int, batch: int) -> int:
+    """Micro-steps per optimizer step, as base_train derives them from --total-batch-size."""
+    if args.total_batch_size % (seq * batch):
+        raise SystemExit(f"bench_memory: --total-batch-size={args.total_batch_size} is not a multiple of "
+                         f"batch {batch} x seq {seq}")
+    return args.total_batch_size // (seq * batch)
+
+
+def auto_batch(args, cfg, seq: int, mode: str, cap: int) -> int | None:
+    """What --device-batch-size=auto picks with `cap` bytes free (None: nothing fits)."""
+    shape = argparse.Namespace(total_batch_size=args.total_batch_size, max_seq_len=seq, device_batch_size="auto")
+    opts = {"compiled": not args.no_compile, "lm_ce_kernel": args.lm_ce_kernel, "recompute": mode}
+    fitting = [b for b in batch_candidates(shape, cfg, 1) if fits(estimate_memory(cfg, b, **opts)["peak"], cap)]
+    return fitting[0] if fitting else None
+
+
 def run_variant(args, depth: int, seq: int, batch: int, mode: str, device) -> dict:
-    """One variant's measurements: peak GiB and median step seconds, or oom=True."""
+    """One variant's measurements: peak GiB, static bytes per parameter, median optimizer-step
+    seconds; or oom=True."""
     cfg = model_config(args, depth, seq)
     runtime = ModelRuntime(compute_dtype=torch.bfloat16, lm_ce_kernel=args.lm_ce_kernel, activation_checkpointing=mode)
+    accum = accumulation(args, seq, batch)
     model = opt = None
     try:
         with torch.device("meta"):
@@ -72,13 +113,17 @@ def run_variant(args, depth: int, seq: int, batch: int, mode: str, device) -> di
             model.compile_regions(dynamic=False)
         opt = MuonAdamW(model.param_groups(unembedding_lr=0.004, embedding_lr=0.3, matrix_lr=0.02, scalar_lr=0.5,
                                            weight_decay=0.2))
+        n_params = sum(p.numel() for p in model.parameters())
         x = torch.randint(0, args.vocab_size, (batch, seq), device=device)
+        static = []
 
         def step():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = model(x, x)
-            loss.backward()
+            for _ in range(accum):
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = model(x, x)
+                (loss / accum).backward()
             opt.step()
+            static.append(torch.cuda.memory_allocated())  # weights, grads, optimizer state; activations freed
             model.zero_grad(set_to_none=True)
 
         for _ in range(1 + args.warmup):  # the first step compiles
@@ -91,7 +136,9 @@ def run_variant(args, depth: int, seq: int, batch: int, mode: str, device) -> di
             step()
             torch.cuda.synchronize()
             times.append(time.time() - t0)
-        return {"oom": False, "peak": torch.cuda.max_memory_allocated() / GiB, "step": statistics.median(times)}
+        return {"oom": False, "peak": torch.cuda.max_memory_allocated() / GiB,
+                "reserved": torch.cuda.max_memory_reserved() / GiB, "static": static[-1] / n_params,
+                "step": statistics.median(times), "tokens": accum * batch * seq}
     except torch.OutOfMemoryError:
         return {"oom": True}
     finally:
@@ -114,26 +161,28 @@ def main(argv=None) -> None:
         if hasattr(torch._dynamo.config, knob):
             setattr(torch._dynamo.config, knob, 64)
     print(f"device {torch.cuda.get_device_name(device)}, allocator capped at {cap / GiB:.1f} GiB of "
-          f"{total / GiB:.1f}; {'eager' if args.no_compile else 'regional compile'}, bf16, {args.lm_ce_kernel} CE",
-          flush=True)
+          f"{total / GiB:.1f}; {'eager' if args.no_compile else 'regional compile'}, bf16, {args.lm_ce_kernel} CE, "
+          f"{args.total_batch_size:,} tokens per optimizer step", flush=True)
     rows = []
-    for depth in ints(args.depths):
-        for seq in ints(args.seq_lens):
-            for batch in ints(args.batches):
-                for mode in args.modes.split(","):
-                    est = estimate_memory(model_config(args, depth, seq), batch, compiled=not args.no_compile,
-                                          lm_ce_kernel=args.lm_ce_kernel, recompute=mode)["peak"]
-                    r = run_variant(args, depth, seq, batch, mode, device)
-                    rows.append((depth, seq, batch, mode, est / GiB, fits(est, cap), r))
-                    print(f"d{depth} seq {seq} batch {batch} {mode}: "
-                          + ("OOM" if r["oom"] else f"peak {r['peak']:.2f} GiB, {r['step'] * 1000:.1f} ms"),
-                          flush=True)
-    print(f"\n| depth | seq | batch | recompute | estimate GiB | estimate fits {cap / GiB:.0f} GiB | peak GiB "
-          f"| step ms | tok/s |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for depth, seq, batch, mode, est, ok, r in rows:
-        measured = "OOM | - | -" if r["oom"] else f"{r['peak']:.2f} | {r['step'] * 1000:.1f} | {batch * seq / r['step']:,.0f}"
-        print(f"| {depth} | {seq} | {batch} | {mode} | {est:.2f} | {'yes' if ok else 'no'} | {measured} |")
+    for depth, seq, batch, mode in variants(args):
+        cfg = model_config(args, depth, seq)
+        est = estimate_memory(cfg, batch, compiled=not args.no_compile, lm_ce_kernel=args.lm_ce_kernel,
+                              recompute=mode)["peak"]
+        t0 = time.time()
+        r = run_variant(args, depth, seq, batch, mode, device)
+        rows.append((depth, seq, batch, mode, est / GiB, fits(est, cap), auto_batch(args, cfg, seq, mode, cap) == batch, r))
+        print(f"d{depth} seq {seq} batch {batch} {mode}: "
+              + ("OOM" if r["oom"] else f"peak {r['peak']:.2f} GiB (estimate {est / GiB:.2f}), "
+                 f"{r['step'] * 1000:.1f} ms per optimizer step") + f" [{time.time() - t0:.0f} s]", flush=True)
+    print(f"\n| depth | seq | batch | recompute | auto | estimate GiB | estimate fits {cap / GiB:.0f} GiB | peak GiB "
+          f"| estimate / peak | reserved GiB | static B/param | step ms | tok/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for depth, seq, batch, mode, est, ok, auto, r in rows:
+        measured = ("OOM | - | - | - | - | -" if r["oom"] else
+                    f"{r['peak']:.2f} | {est / r['peak']:.3f} | {r['reserved']:.2f} | {r['static']:.1f} | "
+                    f"{r['step'] * 1000:.1f} | {r['tokens'] / r['step']:,.0f}")
+        print(f"| {depth} | {seq} | {batch} | {mode} | {'auto' if auto else ''} | {est:.2f} | {'yes' if ok else 'no'} "
+              f"| {measured} |")
 
 
 if __name__ == "__main__":

@@ -840,6 +840,9 @@ def test_dry_run_resume_skips_done_runs_and_checks_their_commands(tmp_path):
     assert p.returncode == 2 and "different command" in p.stderr and "--num-iterations=10" in p.stderr
     p = runner({**env, "RESUME": "1", "SEEDS": "2"}, tmp_path)
     assert p.returncode == 2 and "do not plan" in p.stderr
+    p = runner({**env, "RESUME": "1", "SEEDS": "1 2 3"}, tmp_path)  # the plan may grow: a seed added
+    assert p.returncode == 0, p.stderr
+    assert "skip[full_s1]: done" in p.stdout and list(commands(p.stdout))[-2:] == ["full_s3", "dynamic_s3"]
 
 
 def test_runner_and_docs_document_every_column():

@@ -402,6 +402,28 @@ def test_bench_memory_imports_and_needs_cuda():
         assert e.value.code == 2
 
 
+def test_bench_memory_plans_variants_accumulation_and_the_auto_pick():
+    """The measured side of memory.md: explicit variants in order, micro-steps per optimizer step
+    as base_train derives them, and the batch --device-batch-size=auto would pick (marked in the table)."""
+    from scripts import bench_memory
+    from nanochat.plan import estimate_memory
+    args = bench_memory.parse(["--variants=20:none:4,12:blocks:16", "--seq-lens=2048"])
+    assert bench_memory.variants(args) == [(20, 2048, 4, "none"), (12, 2048, 16, "blocks")]
+    grid = bench_memory.parse(["--depths=2,3", "--seq-lens=64", "--batches=2", "--modes=none,blocks"])
+    assert bench_memory.variants(grid) == [(2, 64, 2, "none"), (2, 64, 2, "blocks"), (3, 64, 2, "none"), (3, 64, 2, "blocks")]
+    assert bench_memory.accumulation(args, 2048, 4) == 4 and bench_memory.accumulation(args, 2048, 16) == 1
+    with pytest.raises(SystemExit, match="not a multiple"):
+        bench_memory.accumulation(args, 2048, 32)
+    with pytest.raises(SystemExit, match="not one of"):
+        bench_memory.variants(bench_memory.parse(["--variants=20:full:4"]))
+    cfg = bench_memory.model_config(args, 20, 2048)
+    est = {b: estimate_memory(cfg, b, compiled=True, lm_ce_kernel="triton", recompute="none")["peak"] for b in (4, 8)}
+    cap = int(est[8] * 1.06)  # batch 8 fits with the 5 % margin, 16 does not
+    assert bench_memory.auto_batch(args, cfg, 2048, "none", cap) == 8
+    assert bench_memory.auto_batch(args, cfg, 2048, "none", int(est[4] * 1.06)) == 4
+    assert bench_memory.auto_batch(args, cfg, 2048, "none", 1) is None
+
+
 def test_runner_maps_the_recompute_mode_and_an_auto_batch(tmp_path):
     runner = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "runs", "speedrun_small.sh")
     env = {**os.environ, "DRY_RUN": "1", "SKIP_SETUP": "1", "NANOCHAT_BASE_DIR": str(tmp_path)}
