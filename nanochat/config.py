@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 from nanochat.dynamic_suffix import RELEVANCE_METRICS, DynamicSuffixConfig
 from nanochat.fp8 import Fp8Options, validate_fp8_options
 from nanochat.gpt import RECOMPUTE_MODES, GPTConfig, validate_window_pattern
-from nanochat.schedules import SCHEDULES
+from nanochat.schedules import REGISTRY, SCHEDULES
 from nanochat.schedules.depth_growth import DepthGrowthConfig
 from nanochat.schedules.layer_drop import LayerDropConfig
 from nanochat.softcap_ce import KERNELS as CE_KERNELS
@@ -376,22 +376,21 @@ class ScheduleFlags(_Flags):
                                               "and the last; the others become copies of the nearest trained block "
                                               "below them at growth, in [2, depth-1]")
 
-    # each schedule's own flags: (prefix, the config class that validates them)
-    _OWN: ClassVar[dict] = {"dynamic_suffix": ("dyn_", DynamicSuffixConfig), "layer_drop": ("drop_", LayerDropConfig),
-                            "depth_growth": ("growth_", DepthGrowthConfig)}
-
     def dynamic(self) -> DynamicSuffixConfig:
         return DynamicSuffixConfig.from_args(self)
 
     def validate(self, depth: int = ModelFlags.depth) -> list[str]:
         """`depth` (the model's --depth) bounds the layer counts. A schedule's own flags are
-        validated by its config class; set for another schedule, they are an error."""
+        validated by its config class (nanochat.schedules.REGISTRY); set for another schedule, they
+        are an error."""
         problems = []
-        for name, (prefix, config_cls) in self._OWN.items():
-            if self.block_update_schedule == name:
-                problems += config_cls.from_args(self).validate(depth)
-            elif changed := self.changed(prefix):
-                problems.append(f"{', '.join(changed)} only apply with --block-update-schedule={name}")
+        for entry in REGISTRY:
+            if entry.config is None:
+                continue
+            if self.block_update_schedule == entry.name:
+                problems += entry.config.from_args(self).validate(depth)
+            elif changed := self.changed(entry.flag_prefix):
+                problems.append(f"{', '.join(changed)} only apply with --block-update-schedule={entry.name}")
         return problems
 
 

@@ -110,7 +110,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, ClassVar, Iterable, Sequence
 
 import torch
 
@@ -149,6 +149,7 @@ def _is_real(v: Any) -> bool:
 class DynamicSuffixConfig:
     """The ``--dyn-*`` flags of ``scripts/base_train.py`` (field ``x_y`` is flag ``--dyn-x-y``)."""
 
+    prefix: ClassVar[str] = "dyn"
     warmup_steps: int = 20           # full updates for the first N steps
     probe_every: int = 25            # full-update probe step period (<= 0 disables)
     refresh_every: int = 100         # periodic full-update refresh period (<= 0 disables)
@@ -167,7 +168,7 @@ class DynamicSuffixConfig:
         """Build from an argparse namespace with ``dyn_<field>`` attributes (missing -> default)."""
         kw = {}
         for f in dataclasses.fields(cls):
-            name = "dyn_" + f.name
+            name = f"{cls.prefix}_{f.name}"
             if hasattr(args, name):
                 kw[f.name] = getattr(args, name)
         return cls(**kw)

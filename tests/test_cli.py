@@ -1,5 +1,6 @@
 """The command line: frozen --help, one-line errors, the runner's mapping of variables to flags."""
 import os
+import re
 import subprocess
 import sys
 
@@ -35,6 +36,15 @@ def test_every_runner_variable_maps_to_a_real_flag():
     assert len(mapping) >= 20
     for env, flag in mapping:
         assert flag in flags, f"{env} maps to unknown flag {flag}"
+
+
+def test_the_runners_choices_are_the_flags_choices():
+    """A `choice_opt` line of the runner lists exactly its flag's choices (the schedules among them)."""
+    actions = {s: a for a in build_parser()._actions for s in a.option_strings}
+    lines = re.findall(r'^choice_opt \w+ (--[\w-]+) "([^"]*)"', read("runs/speedrun_small.sh"), re.M)
+    assert "--block-update-schedule" in dict(lines)
+    for flag, choices in lines:
+        assert choices.split() == list(actions[flag].choices), flag
 
 
 def defaults(**kw):

@@ -4,14 +4,16 @@ one-time copy of weights and optimizer state at growth (sharded under 2 gloo ran
 parity at every step, and `skip` as the identity through GPT.forward."""
 import argparse
 import copy
+import dataclasses
 import io
 
 import pytest
 import torch
 
+from nanochat.config import ScheduleFlags, build_parser, flag_name
 from nanochat.gpt import GPT
 from nanochat.optim import MuonAdamW
-from nanochat.schedules import SCHEDULES, ScheduleContext, StepPlan, build_schedule
+from nanochat.schedules import REGISTRY, SCHEDULES, ScheduleContext, StepPlan, build_schedule
 from nanochat.schedules.depth_growth import DepthGrowthConfig, DepthGrowthSchedule, growth_sources, shallow_blocks
 from nanochat.schedules.layer_drop import LayerDropConfig, LayerDropSchedule
 
@@ -108,6 +110,35 @@ def test_registry_builds_both_schedules():
         build_schedule("depth_growth", ctx_for(model), args)
     with pytest.raises(ValueError, match="horizon"):
         build_schedule("layer_drop", ctx_for(model, num_iterations=-1), args)
+
+
+def test_the_registry_is_the_one_list_of_schedules(monkeypatch):
+    """`--block-update-schedule` offers exactly REGISTRY's names; each entry builds through
+    build_schedule with its config read from the flags, and ScheduleFlags validates the chosen
+    schedule through the entry's config class and refuses its flags with another schedule."""
+    parser = build_parser()
+    choices = next(a.choices for a in parser._actions if "--block-update-schedule" in a.option_strings)
+    assert list(choices) == list(SCHEDULES) == [e.name for e in REGISTRY] and len(set(SCHEDULES)) == len(SCHEDULES)
+    with pytest.raises(ValueError, match="unknown block-update schedule 'nope'; choose from full_update, "):
+        build_schedule("nope", None, None)
+    model = make_model(n_layer=4)
+    args = parser.parse_args([])
+    defaults = ScheduleFlags.from_args(args)
+    for entry in REGISTRY:
+        sched = build_schedule(entry.name, ctx_for(model, make_opt(model)), args)
+        assert type(sched) is entry.schedule and sched.name == entry.name
+        chosen = dataclasses.replace(defaults, block_update_schedule=entry.name)
+        assert chosen.validate(4) == []
+        if entry.config is None:
+            continue
+        assert sched.config == entry.config.from_args(args)
+        own = {f.name for f in dataclasses.fields(ScheduleFlags) if f.name.startswith(entry.flag_prefix)}
+        assert own == {entry.flag_prefix + f.name for f in dataclasses.fields(entry.config)}
+        monkeypatch.setattr(entry.config, "validate", lambda self, n_layer, name=entry.name: [f"{name} at {n_layer}"])
+        assert chosen.validate(7) == [f"{entry.name} at 7"]
+        first = sorted(own)[0]
+        other = dataclasses.replace(defaults, **{first: object()})  # differs from its default
+        assert other.validate(4) == [f"{flag_name(first)} only apply with --block-update-schedule={entry.name}"]
 
 
 # --------------------------------------------------------------------------- layer_drop plans

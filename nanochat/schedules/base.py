@@ -12,9 +12,9 @@ that run forward only (`active_start`, a frozen prefix), the blocks left out of 
     for line in schedule.after_step(step, plan): print0(line)   # may sync with the host
 
 `full_update` is this class as it is: every block trains every step. A new schedule is one file
-that subclasses `BlockSchedule`, overrides `plan` (and the hooks it needs), registers its flags in
-`nanochat/config.py` and its name in `nanochat/schedules/__init__.py`; the trainer has no
-schedule-specific code.
+with a subclass of `BlockSchedule` that overrides `plan` (and the hooks it needs), one entry in
+`REGISTRY` (`nanochat/schedules/__init__.py`) and its flags in `ScheduleFlags`
+(`nanochat/config.py`); the trainer has no schedule-specific code.
 
 What the base class does for every schedule, so that no schedule can get it wrong:
 - **FP8 frozen-weight caches.** A forward-only block's weights cannot change until it trains
