@@ -173,14 +173,15 @@ def horizon_problems(resume_step: int | None, plan: Horizon) -> list[str]:
 # peak memory estimate, checked against the device at every start
 
 # Activations of the trained blocks, in values per token per model dim per layer (compute dtype):
-# {recompute mode: (kept by every block until its backward, held extra while one block is
-# recomputed)}. Counted on this model with torch's MemTracker (eager, fp32; tests/test_memory.py
-# checks them). Without recompute a block keeps 19, which also reproduces the d12 anchor's
-# measured peak (compiled, bf16: see estimate_memory); `blocks` keeps the block's input (1) and,
-# while one block is recomputed, its 19 again; `selective` keeps the six matmul outputs (q, k, v:
-# 3; c_fc: 4; the two c_proj: 2), the attention output and the input (11) and recomputes the
-# other ~8 of the block being differentiated (9 with temporaries).
-RECOMPUTE_ACT_ELEMS = {"none": (19, 0), "blocks": (1, 19), "selective": (11, 9)}
+# {recompute mode: (kept by every block until its backward, eager; the same compiled; held extra
+# while one block is recomputed)}. Counted on this model with torch's MemTracker (eager, fp32;
+# tests/test_memory.py checks them) and, compiled, with saved-tensor hooks on the regional graphs
+# (18.1 / 10.0 / 1.04 on CPU; `none` keeps the eager 19, which reproduces the d12 anchor's peak).
+# Without recompute a block keeps 19; `blocks` keeps the block's input (1) and, while one block is
+# recomputed, its 19 again; `selective` keeps the six matmul outputs (q, k, v: 3; c_fc: 4; the two
+# c_proj: 2), the attention output and the input (11 eager, 10 compiled) and recomputes the other
+# ~8 of the block being differentiated (9 with temporaries).
+RECOMPUTE_ACT_ELEMS = {"none": (19, 19, 0), "blocks": (1, 1, 19), "selective": (11, 10, 9)}
 ACT_ELEMS_PER_TOKEN_DIM_LAYER = RECOMPUTE_ACT_ELEMS["none"][0]
 # The estimate must fit the free memory with this fraction of itself to spare: the caching
 # allocator's fragmentation, cuBLAS workspaces and NCCL buffers are not in the estimate.
@@ -190,24 +191,33 @@ CPU_AUTO_BATCH = 32  # --device-batch-size=auto off CUDA: no free-memory number 
 
 def estimate_memory(cfg: GPTConfig, device_batch_size: int, *, compute_bytes: int = 2, compiled: bool = True,
                     lm_ce_backend: str = "baseline", lm_ce_chunk_size: int = 8192,
-                    lm_ce_kernel: str = "inductor", recompute: str = "none") -> dict[str, int]:
-    """Estimated bytes on one device during a full (every block trains) training step.
+                    lm_ce_kernel: str = "inductor", recompute: str = "none",
+                    sequences_per_rank: int = 0) -> dict[str, int]:
+    """Estimated bytes on one device at the peak of a full (every block trains) training step.
 
-    Parameters and gradients are fp32 (the model's master weights); AdamW (embedding, lm_head,
-    scalars) keeps two fp32 moments, Muon (block matrices) one fp32 momentum. Under bf16 autocast
-    (`compute_bytes` = 2) the matmul weights also get bf16 copies. Activations: per token, per
-    layer, per model dim, in the compute dtype, `RECOMPUTE_ACT_ELEMS[recompute]` (19 saved values
-    without recompute, measured). The LM-head loss (see
-    docs/optimizations/lm_head_ce.md): baseline keeps the full (tokens x vocab) logits -- about one
-    compute-dtype copy when compiled, two with the Triton loss (`lm_ce_kernel="triton"`: logits and
-    their gradient, nanochat/softcap_ce.py), about four fp32 copies at the peak when eager; chunked keeps
-    an fp32 dW and dx plus (chunk x vocab) temporaries. Sanity check against the d12 anchor (bf16,
-    compiled, baseline CE, batch 32 x 1024, vocab 32768; a reference nanochat measured 14.8 GiB
-    on an H100): this gives 14.8 GiB; this repo measured 13.9 GiB, and 15.8 GiB with the Triton
-    loss (estimate 16.8 GiB). FP8 and frozen-prefix (dynamic_suffix) savings are not modelled:
-    full steps peak. Recompute under compile is not measured yet (docs/optimizations/memory.md).
+    Static: parameters and gradients are fp32 (the model's master weights); AdamW (embedding,
+    lm_head, scalars) keeps two fp32 moments, Muon (block matrices) one fp32 momentum. Under bf16
+    autocast (`compute_bytes` = 2) the matmuls run on bf16 copies of the weights; a block's copies
+    are held for its backward without recompute (and always eager, where autocast caches them),
+    while a compiled block with recompute casts them again in its backward. Activations: per token,
+    per layer, per model dim, in the compute dtype, `RECOMPUTE_ACT_ELEMS[recompute]`. The LM-head
+    loss (docs/optimizations/lm_head_ce.md): baseline keeps the full (tokens x vocab) logits --
+    about one compute-dtype copy when compiled, two with the Triton loss (`lm_ce_kernel="triton"`:
+    logits and their gradient), about four fp32 copies at the peak when eager; chunked keeps an
+    fp32 dW and dx plus (chunk x vocab) temporaries.
 
-    Returns the components and 'peak' (their sum, or the optimizer step's peak if larger).
+    The step has three candidate peaks and the estimate is the largest:
+    - the head: every block's kept activations and the loss's logits. The block gradients exist
+      then only when an earlier micro-step made them: `sequences_per_rank` // `device_batch_size`
+      micro-steps per optimizer step; 0 (unknown) assumes more than one;
+    - the blocks' backward: every gradient, the kept activations and what one recomputed block holds;
+    - the optimizer step: activations gone, Muon stacks the largest same-shape group (~4 fp32 copies).
+    Measured on an H100 capped at 24 GiB (seq 2048, compiled, Triton loss; d12-d28, all three
+    modes, records/2026-12-06_memory_24gib): 0.99-1.10x the peak allocated. FP8 and frozen-prefix
+    (dynamic_suffix) savings are not modelled: full steps peak.
+
+    Returns the components of the head's peak, `backward_extra` (what the blocks' backward holds
+    beyond them), `optimizer_peak` and 'peak'.
     """
     with torch.device("meta"):
         model = GPT(cfg)
@@ -221,13 +231,17 @@ def estimate_memory(cfg: GPTConfig, device_batch_size: int, *, compute_bytes: in
     total = counts["total"]
     n_tok = device_batch_size * cfg.sequence_len
     d, vocab = cfg.n_embd, cfg.vocab_size
-    kept, transient = RECOMPUTE_ACT_ELEMS[recompute]
+    kept_eager, kept_compiled, transient = RECOMPUTE_ACT_ELEMS[recompute]
+    kept = kept_compiled if compiled else kept_eager
+    accumulating = sequences_per_rank <= 0 or sequences_per_rank // device_batch_size > 1
+    all_grads = 4 * total
+    copied = counts["lm_head"] + (counts["transformer_matrices"] if recompute == "none" or not compiled else 0)
     out = {
         "params": 4 * total,
-        "grads": 4 * total,
+        "grads": all_grads if accumulating else 4 * counts["lm_head"],
         "optimizer_state": 8 * (counts["wte"] + counts["lm_head"] + counts["scalars"]) + 4 * counts["transformer_matrices"],
-        "weight_copies": (compute_bytes * (counts["transformer_matrices"] + counts["lm_head"]) if compute_bytes < 4 else 0),
-        "activations": compute_bytes * n_tok * d * (kept * cfg.n_layer + transient + 4),
+        "weight_copies": compute_bytes * copied if compute_bytes < 4 else 0,
+        "activations": compute_bytes * n_tok * d * (kept * cfg.n_layer + 4),
     }
     if lm_ce_backend == "baseline":
         copies = 2 * compute_bytes if lm_ce_kernel == "triton" else (compute_bytes if compiled else 16)
@@ -235,10 +249,11 @@ def estimate_memory(cfg: GPTConfig, device_batch_size: int, *, compute_bytes: in
     else:
         chunk = min(lm_ce_chunk_size, n_tok)
         out["lm_head_loss"] = 4 * vocab * d + compute_bytes * n_tok * d + chunk * vocab * (2 * compute_bytes if compiled else 12)
-    step_peak = sum(out.values())
-    # Optimizer step: activations are gone; Muon stacks the largest same-shape group (~4 fp32 copies).
-    opt_peak = out["params"] + out["grads"] + out["optimizer_state"] + 16 * max(muon_groups.values(), default=0)
-    out["peak"] = max(step_peak, opt_peak)
+    head_peak = sum(out.values())
+    out["backward_extra"] = all_grads - out["grads"] + compute_bytes * n_tok * d * transient
+    backward_peak = head_peak - out["lm_head_loss"] + out["backward_extra"]
+    out["optimizer_peak"] = 2 * all_grads + out["optimizer_state"] + 16 * max(muon_groups.values(), default=0)
+    out["peak"] = max(head_peak, backward_peak, out["optimizer_peak"])
     return out
 
 
@@ -249,11 +264,12 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:,.0f} B"
 
 
-def memory_options(args: argparse.Namespace, device_type: str, ce_kernel: str) -> dict:
-    """estimate_memory's keyword arguments for this run (an empty device type means CUDA)."""
+def memory_options(args: argparse.Namespace, device_type: str, ce_kernel: str, sequences: int = 0) -> dict:
+    """estimate_memory's keyword arguments for this run (an empty device type means CUDA);
+    `sequences`: the sequences per rank of one optimizer step (`sequences_per_rank`; 0 unknown)."""
     return dict(compute_bytes=2 if device_type in ("cuda", "") else 4, compiled=not args.no_compile,
                 lm_ce_backend=args.lm_ce_backend, lm_ce_chunk_size=args.lm_ce_chunk_size, lm_ce_kernel=ce_kernel,
-                recompute=args.activation_checkpointing)
+                recompute=args.activation_checkpointing, sequences_per_rank=sequences)
 
 
 def _describe(cfg: GPTConfig, batch: int, opts: dict) -> str:
@@ -455,7 +471,7 @@ def dry_run_report(args: argparse.Namespace, sources: dict, device_type: str, wo
         ce_kernel = choose_ce_kernel(args.lm_ce_kernel, device_type or "cuda", args.lm_ce_backend, cfg.softcap)[0]
     except ValueError as e:
         return "", problems + [str(e)]
-    opts = memory_options(args, device_type, ce_kernel)
+    opts = memory_options(args, device_type, ce_kernel, sequences_per_rank(args, cfg, world_size))
     auto_line = None
     if args.device_batch_size == "auto":
         args = argparse.Namespace(**vars(args))  # resolved for planning; the caller's namespace keeps "auto"

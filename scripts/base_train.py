@@ -45,7 +45,8 @@ from nanochat.fp8 import Fp8Options, check_fp8_hardware, convert_to_fp8
 from nanochat.gpt import GPT, GPTConfig, ModelRuntime, start_compile_workers
 from nanochat.optim import MuonAdamW
 from nanochat.plan import (dry_run_report, free_device_memory, horizon_problems, memory_check, memory_options,
-                           model_config_from_args, plan_horizon, resolve_resume, run_problems, scaling_params)
+                           model_config_from_args, plan_horizon, resolve_resume, run_problems, scaling_params,
+                           sequences_per_rank)
 from nanochat.schedules import ScheduleContext, build_schedule
 from nanochat.softcap_ce import choose_kernel as choose_ce_kernel, prebuild_failed, prebuild_in_background
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
@@ -291,7 +292,8 @@ def main():
                                                          head_dim=model_config.head_dim)
     # Peak-memory estimate vs the device's free memory, before any allocation: stops a batch that cannot fit, picks auto
     mem_lines, problems = memory_check(args, model_config, world_size, free_device_memory(device, ddp),
-                                       memory_options(args, device_type, ce_kernel))
+                                       memory_options(args, device_type, ce_kernel,
+                                                      sequences_per_rank(args, model_config, world_size)))
     if mem_lines:
         print0(*mem_lines, sep="\n")
     if problems:

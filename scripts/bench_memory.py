@@ -89,10 +89,16 @@ def accumulation(args, seq: int, batch: int) -> int:
     return args.total_batch_size // (seq * batch)
 
 
+def estimate_options(args, seq: int, mode: str) -> dict:
+    """estimate_memory's keyword arguments for a variant, as base_train passes them."""
+    return {"compiled": not args.no_compile, "lm_ce_kernel": args.lm_ce_kernel, "recompute": mode,
+            "sequences_per_rank": args.total_batch_size // seq}
+
+
 def auto_batch(args, cfg, seq: int, mode: str, cap: int) -> int | None:
     """What --device-batch-size=auto picks with `cap` bytes free (None: nothing fits)."""
     shape = argparse.Namespace(total_batch_size=args.total_batch_size, max_seq_len=seq, device_batch_size="auto")
-    opts = {"compiled": not args.no_compile, "lm_ce_kernel": args.lm_ce_kernel, "recompute": mode}
+    opts = estimate_options(args, seq, mode)
     fitting = [b for b in batch_candidates(shape, cfg, 1) if fits(estimate_memory(cfg, b, **opts)["peak"], cap)]
     return fitting[0] if fitting else None
 
@@ -153,7 +159,7 @@ def main(argv=None) -> None:
     if not torch.cuda.is_available():
         print("bench_memory: needs a CUDA GPU", file=sys.stderr)
         sys.exit(2)
-    device = torch.device("cuda")
+    device = torch.device("cuda", torch.cuda.current_device())
     total = torch.cuda.get_device_properties(device).total_memory
     cap = total if args.memory_gib <= 0 else min(total, int(args.memory_gib * GiB))
     torch.cuda.set_per_process_memory_fraction(cap / total, device)
@@ -166,8 +172,7 @@ def main(argv=None) -> None:
     rows = []
     for depth, seq, batch, mode in variants(args):
         cfg = model_config(args, depth, seq)
-        est = estimate_memory(cfg, batch, compiled=not args.no_compile, lm_ce_kernel=args.lm_ce_kernel,
-                              recompute=mode)["peak"]
+        est = estimate_memory(cfg, batch, **estimate_options(args, seq, mode))["peak"]
         t0 = time.time()
         r = run_variant(args, depth, seq, batch, mode, device)
         rows.append((depth, seq, batch, mode, est / GiB, fits(est, cap), auto_batch(args, cfg, seq, mode, cap) == batch, r))
