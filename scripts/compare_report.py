@@ -167,7 +167,8 @@ def flag_value(cmd: str, flag: str) -> str | None:
 
 
 def eval_wrapped(results_dir: str, run: dict) -> bool:
-    """Whether the run's log says that an evaluation wrapped around the val split (rows counted twice)."""
+    """Whether the run's log says that an evaluation reached the end of the val split (it stops
+    there: fewer val tokens than asked, each row once)."""
     log = os.path.join(results_dir, run.get("log_file") or "")
     if not run.get("log_file") or not os.path.exists(log):
         return False
@@ -396,7 +397,7 @@ class Guard:
     differences: list[str] = field(default_factory=list)  # horizon keys on which compared runs differ
     few_eval_tokens: list[str] = field(default_factory=list)  # frontier: runs with < MIN_EVAL_TOKENS
     unknown_eval_tokens: list[str] = field(default_factory=list)
-    wrapped: list[str] = field(default_factory=list)  # runs whose evaluation wrapped around the val split
+    wrapped: list[str] = field(default_factory=list)  # runs whose evaluation reached the end of the val split
     allow_unequal: bool = False
     allow_few: bool = False
 
@@ -428,8 +429,8 @@ class Guard:
             out.append("Eval tokens unknown (no run record, no --eval-tokens in the command) for: "
                        + ", ".join(self.unknown_eval_tokens) + ".")
         if self.wrapped:
-            out.append("**Evaluation wrapped around the val split (rows counted more than once) in: "
-                       + ", ".join(self.wrapped) + ". The val split holds fewer tokens than EVAL_TOKENS.**")
+            out.append("**Evaluation reached the end of the val split in: " + ", ".join(self.wrapped)
+                       + ". The val split holds fewer tokens than EVAL_TOKENS; those evals measured fewer (each row once).**")
         return out
 
 
@@ -1266,6 +1267,18 @@ def portable_command(cmd: str) -> str:
     return " ".join(re.sub(r"^(--[\w-]+=)/\S*?([^/]+)$", r"\1\2", t) for t in toks)
 
 
+def _portable_run_record(line: str) -> str:
+    """A metrics JSONL line as the record keeps it: the run record's --metrics-file (an absolute
+    path on the machine that ran it) as its file name; every other line as it is."""
+    rec = json.loads(line) if line.strip() else None
+    if not isinstance(rec, dict) or rec.get("kind") != "run":
+        return line
+    args = rec.get("args") or {}
+    if args.get("metrics_file"):
+        args["metrics_file"] = os.path.basename(args["metrics_file"])
+    return json.dumps(rec) + "\n"
+
+
 def write_record(record_dir: str, results_dir: str, runs: list[dict]) -> list[str]:
     """Copy the evidence of a comparison into record_dir (a new `YYYY-MM-DD_<what>` folder): the
     report, the plot, runs.tsv with portable commands, each run's metrics JSONL, and each source
@@ -1302,7 +1315,11 @@ def write_record(record_dir: str, results_dir: str, runs: list[dict]) -> list[st
     for r in runs:
         src = os.path.join(r["_dir"], r.get("metrics_file") or "")
         if r.get("metrics_file") and os.path.exists(src):
-            copy(src, os.path.basename(r["metrics_file"]))
+            name = os.path.basename(r["metrics_file"])
+            with open(src, encoding="utf-8") as fi, open(os.path.join(record_dir, name), "w", encoding="utf-8") as fo:
+                for line in fi:
+                    fo.write(_portable_run_record(line))
+            written.append(name)
     header = list(dict.fromkeys(k for r in runs for k in r if k is not None and not k.startswith("_")))
     with open(os.path.join(record_dir, "runs.tsv"), "w", encoding="utf-8") as fh:
         fh.write("\t".join(header) + "\n")

@@ -439,7 +439,7 @@ def frontier_dir(path, arms=ARMS, horizon=None, eval_tokens=1_048_576, seeds=(1,
             n = round(budget / DT)
             evals = {k: bpb_at(k, n, finals[seed]) for k in range(0, n + 1, 5)}
             evals[n] = finals[seed]
-            run = {"args": {}, "depth": depth, "n_layer": depth, "schedule": schedule, "eval_tokens": eval_tokens,
+            run = {"args": {"metrics_file": f"/x/{run_id}.metrics.jsonl"}, "depth": depth, "n_layer": depth, "schedule": schedule, "eval_tokens": eval_tokens,
                    "horizon": {"time_budget_sec": budget, "num_iterations": -1, "total_batch_size": 1000,
                                "lr_schedule": "time", "warmup_ratio": 0.0, "warmdown_ratio": 0.4, "final_lr_frac": 0.0,
                                **(horizon or {}).get(arm, {})}}
@@ -549,6 +549,15 @@ def test_frontier_refuses_few_eval_tokens_unless_allowed(tmp_path):
     assert not cr.build_guard([], frontier=False, allow_unequal=False, allow_few=False).refused
 
 
+def test_report_names_runs_whose_evaluation_reached_the_end_of_the_val_split(tmp_path):
+    d = frontier_dir(tmp_path)
+    with open(os.path.join(d, "base_d2_t10_s1.log"), "w") as f:
+        f.write(cr.WRAP_WARNING + " after 9 batches: it stops there\n")
+    cr.write_report(d, allow_unequal=False, allow_few=False)
+    md = open(os.path.join(d, "summary.md")).read()
+    assert "**Evaluation reached the end of the val split in: base_d2_t10_s1." in md and "more than once" not in md
+
+
 def test_frontier_over_several_budgets_and_merged_dirs(tmp_path):
     """Two budgets (two runner calls, merged): one section and one headline line per budget; the
     frontier is the best baseline per budget."""
@@ -644,6 +653,10 @@ def test_record_copies_the_evidence_without_machine_paths(tmp_path):
     assert "python3 -m scripts.base_train --depth=2 --seed=1 --time-budget-sec=10" in tsv
     assert "--metrics-file=base_d2_t10_s1.metrics.jsonl" in tsv
     assert "commit: abc123" in (rec / "provenance.txt").read_text()
+    for m in metrics:  # the run record's metrics path is the file's name; every other line as it was
+        src, got = (tmp_path / "res" / m).read_text().splitlines(), (rec / m).read_text().splitlines()
+        assert "/x/" not in (rec / m).read_text() and json.loads(got[0])["args"]["metrics_file"] == m
+        assert got[1:] == src[1:]
     # The record is itself a results dir: the report reads it as it is.
     assert cr.write_report(str(rec), allow_unequal=False, allow_few=False)["groups"][0]["best"]["variant"] == "base_d4"
     with pytest.raises(SystemExit, match="not empty"):
