@@ -187,6 +187,9 @@ ACT_ELEMS_PER_TOKEN_DIM_LAYER = RECOMPUTE_ACT_ELEMS["none"][0]
 # allocator's fragmentation, cuBLAS workspaces and NCCL buffers are not in the estimate.
 FIT_MARGIN = 0.05
 CPU_AUTO_BATCH = 32  # --device-batch-size=auto off CUDA: no free-memory number to fit against
+# Device batches of at most this many tokens without recompute ran slower than selective
+# recompute's larger batch on 24 GiB (d20-d28 at seq 2048: 1.02-1.12x; d12's 32k tokens: 0.95x).
+SMALL_BATCH_TOKENS = 8192
 
 
 def estimate_memory(cfg: GPTConfig, device_batch_size: int, *, compute_bytes: int = 2, compiled: bool = True,
@@ -340,9 +343,18 @@ def auto_device_batch(args: argparse.Namespace, cfg: GPTConfig, world_size: int,
     batch = fitting[0]
     bigger = [b for b in candidates if b > batch]
     why = f"; {bigger[-1]} would need an estimated {_fmt_bytes(peaks[bigger[-1]])}" if bigger else " (the whole batch per rank)"
+    hint = ""
+    if opts["recompute"] == "none" and batch <= SMALL_BATCH_TOKENS // cfg.sequence_len and bigger:
+        # auto picks the batch, not the mode: a batch this small is where selective recompute's
+        # larger batch measured faster (docs/optimizations/memory.md, "When recompute pays")
+        sel = next((b for b in bigger[::-1] if fits(estimate_memory(cfg, b, **{**opts, "recompute": "selective"})["peak"],
+                                                     free_bytes)), None)
+        if sel:
+            hint = (f"; --activation-checkpointing=selective would fit batch {sel}, measured faster than a batch of "
+                    f"{SMALL_BATCH_TOKENS:,} tokens or fewer without recompute (docs/optimizations/memory.md)")
     return batch, (f"device batch: auto -> {batch}, the largest power of two <= {per_rank} sequences per rank whose "
                    f"estimated peak, {_fmt_bytes(peaks[batch])}, fits the free {_fmt_bytes(free_bytes)} with a "
-                   f"{FIT_MARGIN:.0%} margin{why}; --total-batch-size kept by gradient accumulation")
+                   f"{FIT_MARGIN:.0%} margin{why}; --total-batch-size kept by gradient accumulation{hint}")
 
 
 def _smaller_model_hint(opts: dict) -> str:

@@ -324,6 +324,21 @@ def test_auto_batch_picks_the_largest_power_of_two_that_fits():
     assert batch is None and "even batch 1" in problem and "--activation-checkpointing=blocks" in problem
 
 
+def test_auto_batch_names_selective_recompute_when_the_batch_without_it_is_small():
+    """auto picks the batch, not the mode; when the batch without recompute is as small as where
+    selective recompute's larger batch measured faster, the log line says so."""
+    cfg = d12(sequence_len=2048)
+    a = args_for("--device-batch-size=auto", "--total-batch-size=32768", "--max-seq-len=2048")
+    need = {b: estimate_memory(cfg, b, **opts())["peak"] * (1 + FIT_MARGIN) for b in (4, 8)}
+    sel8 = estimate_memory(cfg, 8, **opts("selective"))["peak"] * (1 + FIT_MARGIN)
+    assert sel8 < need[8]
+    batch, line = auto_device_batch(a, cfg, 1, int(max(need[4], sel8)) + 1, opts())
+    assert batch == 4 and "--activation-checkpointing=selective would fit batch 8" in line
+    batch, line = auto_device_batch(a, cfg, 1, int(need[8]) + 1, opts())  # 8 x 2048 > 8,192 tokens
+    assert batch == 8 and "selective" not in line
+    assert "selective" not in auto_device_batch(a, cfg, 1, int(need[4]) + 1, opts("selective"))[1]
+
+
 def test_auto_batch_off_cuda_is_the_batch_per_rank_at_most_32():
     cfg = d12()
     batch, line = auto_device_batch(args_for("--device-batch-size=auto", "--total-batch-size=8192"), cfg, 1, None, opts())
