@@ -158,8 +158,11 @@ class RunFlags(_Flags):
     activation_checkpointing: str = flag("none", "recompute the trained blocks' activations in backward to save memory: "
                                                  "blocks keeps only each block's input (about one extra forward of the "
                                                  "trained blocks); selective keeps the matmul and attention outputs and "
-                                                 "recomputes norms, rotary and activations (docs/optimizations/memory.md)",
-                                         choices=list(RECOMPUTE_MODES))
+                                                 "recomputes norms, rotary and activations; auto picks on CUDA at "
+                                                 "start from the free memory: none where the batch fits well, "
+                                                 "selective where it fits a larger batch than a small one without "
+                                                 "recompute, blocks only if nothing else fits (docs/optimizations/memory.md)",
+                                         choices=[*RECOMPUTE_MODES, "auto"])
     config: str = flag("", "JSON or TOML file of flag values (keys: flag names, dashes or underscores); flags given on "
                            "the command line override it (empty = none)")
     dry_run: bool = flag(False, "validate everything, print the resolved config, parameter counts, FLOPs per token, "

@@ -410,12 +410,53 @@ def free_device_memory(device, ddp: bool) -> int | None:
     return free
 
 
+def auto_recompute(args: argparse.Namespace, cfg: GPTConfig, world_size: int, free_bytes: int | None,
+                   opts: dict) -> tuple[str, str]:
+    """--activation-checkpointing=auto -> (the mode, the log line saying why), before the device
+    batch is resolved. With a fixed --device-batch-size: the cheapest mode (none, selective,
+    blocks) whose estimate fits it. With --device-batch-size=auto: none when its largest fitting
+    batch is the whole batch per rank or more than SMALL_BATCH_TOKENS; else selective when it fits
+    a larger batch (measured faster there, docs/optimizations/memory.md); blocks only when nothing
+    else fits. Off CUDA (no free-memory number): none."""
+    if free_bytes is None:
+        return "none", "activation checkpointing: auto -> none (no device memory to fit against off CUDA)"
+    fixed = args.device_batch_size != "auto"
+    candidates = [args.device_batch_size] if fixed else batch_candidates(args, cfg, world_size)
+    largest = {m: next((b for b in candidates if fits(estimate_memory(cfg, b, **{**opts, "recompute": m})["peak"],
+                                                      free_bytes)), None) for m in ("none", "selective", "blocks")}
+    sizes = ", ".join(f"{m} {b or 'none'}" for m, b in largest.items())
+    if fixed:
+        mode = next((m for m, b in largest.items() if b), "none")
+        why = (f"the cheapest mode whose estimated peak fits device batch {args.device_batch_size} in the free "
+               f"{_fmt_bytes(free_bytes)}" if largest[mode] else "nothing fits (below)")
+        return mode, f"activation checkpointing: auto -> {mode}, {why}"
+    none, sel = largest["none"], largest["selective"]
+    if none and (none == candidates[0] or none * cfg.sequence_len > SMALL_BATCH_TOKENS):
+        mode, why = "none", f"its batch holds more than {SMALL_BATCH_TOKENS:,} tokens or the whole batch per rank"
+    elif sel and sel > (none or 0):
+        mode, why = "selective", (f"its larger batch measured faster than a batch of {SMALL_BATCH_TOKENS:,} tokens or "
+                                  f"fewer without recompute (docs/optimizations/memory.md)")
+    elif not any(largest.values()):
+        mode, why = "none", "no mode fits even batch 1 (below)"
+    elif none:
+        mode, why = "none", "recompute fits no larger batch"
+    else:
+        mode, why = "blocks", "only blocks fits"
+    return mode, (f"activation checkpointing: auto -> {mode}: {why}; the largest device batch that fits the free "
+                  f"{_fmt_bytes(free_bytes)} per mode: {sizes}")
+
+
 def memory_check(args: argparse.Namespace, cfg: GPTConfig, world_size: int, free_bytes: int | None,
                  opts: dict) -> tuple[list[str], list[str]]:
     """At every start, before the model is built: resolves --device-batch-size=auto (in `args`),
     checks the batch arithmetic the chosen batch makes, and, with a free-memory number (CUDA),
-    compares the peak estimate with it. -> (lines to log, problems: the run must stop)."""
+    compares the peak estimate with it. -> (lines to log, problems: the run must stop).
+    --activation-checkpointing=auto is resolved (in `args`) first."""
     lines = []
+    if args.activation_checkpointing == "auto":
+        args.activation_checkpointing, line = auto_recompute(args, cfg, world_size, free_bytes, opts)
+        opts = {**opts, "recompute": args.activation_checkpointing}
+        lines.append(line)
     if args.device_batch_size == "auto":
         batch, line = auto_device_batch(args, cfg, world_size, free_bytes, opts)
         if batch is None:
@@ -484,9 +525,18 @@ def dry_run_report(args: argparse.Namespace, sources: dict, device_type: str, wo
     except ValueError as e:
         return "", problems + [str(e)]
     opts = memory_options(args, device_type, ce_kernel, sequences_per_rank(args, cfg, world_size))
-    auto_line = None
-    if args.device_batch_size == "auto":
+    auto_line = recompute_line = None
+    if "auto" in (args.device_batch_size, args.activation_checkpointing):
         args = argparse.Namespace(**vars(args))  # resolved for planning; the caller's namespace keeps "auto"
+    if args.activation_checkpointing == "auto":
+        if opts["compute_bytes"] == 4:
+            args.activation_checkpointing, recompute_line = auto_recompute(args, cfg, world_size, None, opts)
+        else:
+            args.activation_checkpointing = "none"
+            recompute_line = ("activation checkpointing: auto, chosen at start from the device's free memory (planned "
+                              "here with none)")
+        opts = {**opts, "recompute": args.activation_checkpointing}
+    if args.device_batch_size == "auto":
         args.device_batch_size, auto_line = _dry_run_auto_batch(args, cfg, world_size, opts)
         if args.device_batch_size is None:
             return "", problems + [auto_line]
@@ -548,8 +598,7 @@ def dry_run_report(args: argparse.Namespace, sources: dict, device_type: str, wo
                      f"{_fmt_tokens(budget)} tokens; planned {_fmt_tokens(plan.total_tokens)} = "
                      f"{plan.total_tokens / budget:.3g}x the budget ({plan.total_tokens / n_scaling:.1f} tokens/param)")
     parts = ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in mem.items() if k != "peak")
-    if auto_line:
-        lines.append(auto_line)
+    lines += [x for x in (recompute_line, auto_line) if x]
     lines.append(f"estimated peak memory per device: {_fmt_bytes(mem['peak'])} {_describe(cfg, args.device_batch_size, opts)}"
                  f": {parts}")
     lines.append(resume_line)

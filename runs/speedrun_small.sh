@@ -155,7 +155,7 @@ choice_opt LM_CE_BACKEND --lm-ce-backend "baseline chunked"
 int_opt LM_CE_CHUNK_SIZE --lm-ce-chunk-size
 choice_opt LM_CE_KERNEL --lm-ce-kernel "auto triton inductor"
 # Memory (docs/optimizations/memory.md)
-choice_opt ACTIVATION_CHECKPOINTING --activation-checkpointing "none blocks selective"
+choice_opt ACTIVATION_CHECKPOINTING --activation-checkpointing "none blocks selective auto"
 
 read -r -a EXTRA <<< "${BASE_TRAIN_EXTRA_ARGS:-}"
 

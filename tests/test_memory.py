@@ -339,6 +339,32 @@ def test_auto_batch_names_selective_recompute_when_the_batch_without_it_is_small
     assert "selective" not in auto_device_batch(a, cfg, 1, int(need[4]) + 1, opts("selective"))[1]
 
 
+def test_auto_recompute_picks_the_mode_with_the_batch():
+    """--activation-checkpointing=auto, resolved before the batch: none where its batch is large,
+    selective where it fits a larger batch than a small one without recompute, blocks only when
+    nothing else fits; with a fixed batch, the cheapest mode that fits it; off CUDA none."""
+    cfg = d12(sequence_len=2048)
+    a = lambda *f: args_for("--total-batch-size=32768", "--max-seq-len=2048", "--activation-checkpointing=auto", *f)
+    peak = lambda b, m: estimate_memory(cfg, b, **opts(m))["peak"] * (1 + FIT_MARGIN)
+    resolve = lambda args, free: (memory_check(args, cfg, 1, free, opts("auto"))[0][0], args.activation_checkpointing,
+                                  args.device_batch_size)
+    line, mode, batch = resolve(a("--device-batch-size=auto"), int(peak(16, "none")) + 1)
+    assert (mode, batch) == ("none", 16) and "auto -> none" in line and "whole batch per rank" in line
+    free = int(max(peak(4, "none"), peak(8, "selective"))) + 1  # none: 4 x 2048 tokens; selective: 8
+    assert peak(8, "none") > free
+    line, mode, batch = resolve(a("--device-batch-size=auto"), free)
+    assert (mode, batch) == ("selective", 8) and "measured faster" in line and "none 4, selective 8" in line
+    free = int(peak(1, "blocks")) + 1
+    if peak(1, "selective") > free:  # only blocks fits
+        assert resolve(a("--device-batch-size=auto"), free)[1] == "blocks"
+    line, mode, _ = resolve(a("--device-batch-size=8"), int(peak(8, "selective")) + 1)
+    assert mode == ("none" if peak(8, "none") <= peak(8, "selective") + 1 else "selective")
+    assert resolve(a("--device-batch-size=8"), int(peak(8, "blocks")) + 1)[1] == "blocks"
+    args = a("--device-batch-size=auto")
+    lines, _ = memory_check(args, cfg, 1, None, opts("auto"))
+    assert args.activation_checkpointing == "none" and "off CUDA" in lines[0]
+
+
 def test_auto_batch_off_cuda_is_the_batch_per_rank_at_most_32():
     cfg = d12()
     batch, line = auto_device_batch(args_for("--device-batch-size=auto", "--total-batch-size=8192"), cfg, 1, None, opts())
@@ -401,6 +427,10 @@ def test_dry_run_with_auto_batch(tiny_tokenizer, tmp_path_factory, monkeypatch):
     assert re.search(r'--device-batch-size +"auto"', report) and args.device_batch_size == "auto"  # as asked
     report, problems = dry_run_report(build_parser().parse_args(common + ["--device-type=cuda"]), {}, "cuda", 1)
     assert problems == [] and "chosen at start from the device's free memory" in report and "32 -> " in report
+    report, problems = dry_run_report(build_parser().parse_args(common + ["--activation-checkpointing=auto"]), {}, "cuda", 1)
+    assert problems == [] and "activation checkpointing: auto, chosen at start" in report
+    report, problems = dry_run_report(build_parser().parse_args(common + ["--activation-checkpointing=auto"]), {}, "cpu", 1)
+    assert problems == [] and "activation checkpointing: auto -> none (no device memory" in report
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,8 +461,9 @@ def test_base_train_recompute_gives_the_same_losses(mem_base, tmp_path):
 
 def test_base_train_auto_batch_on_cpu(mem_base, tmp_path):
     args = [a for a in TINY if not a.startswith("--device-batch-size")]
-    out = run(["-m", "scripts.base_train", *args, "--device-batch-size=auto", "--num-iterations=2", "--eval-every=-1",
-               "--model-tag=auto"], mem_base)
+    out = run(["-m", "scripts.base_train", *args, "--device-batch-size=auto", "--activation-checkpointing=auto",
+               "--num-iterations=2", "--eval-every=-1", "--model-tag=auto"], mem_base)
+    assert "activation checkpointing: auto -> none (no device memory to fit against off CUDA)" in out.stdout
     assert "device batch: auto -> 8 (no device memory to fit against off CUDA" in out.stdout
     assert "batch: 8 x 64 x 1 ranks x 1 accum steps" in out.stdout
     assert os.path.isdir(os.path.join(mem_base, "base_checkpoints", "auto"))
