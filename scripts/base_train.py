@@ -494,7 +494,8 @@ def cli() -> None:
     except torch.OutOfMemoryError as e:
         first = (str(e).strip().splitlines() or [""])[0]
         fail([f"out of device memory ({first}); lower --device-batch-size (the total batch stays the same, with "
-              f"more accumulation steps) or use --lm-ce-backend=chunked; --dry-run estimates the peak"], code=1)
+              f"more accumulation steps), use --activation-checkpointing=selective or blocks (or auto, with "
+              f"--device-batch-size=auto), or --lm-ce-backend=chunked; --dry-run estimates the peak"], code=1)
 
 
 if __name__ == "__main__":

@@ -376,7 +376,7 @@ def test_out_of_memory_is_one_line_with_what_to_change(trained_base, tmp_path):
     assert "Traceback" not in out.stderr
     line = out.stderr.strip()
     assert "\n" not in line and "out of device memory (CUDA out of memory. Tried to allocate 2.00 GiB.)" in line
-    assert "--device-batch-size" in line and "--dry-run" in line
+    assert "--device-batch-size" in line and "--activation-checkpointing" in line and "--dry-run" in line
 
 
 def test_keep_last_k_and_resume_latest_after_a_kill_during_save(trained_base, tmp_path):
