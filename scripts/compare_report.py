@@ -843,6 +843,9 @@ def frontier_headline(groups: list[dict], guard: Guard) -> list[str]:
                  f"**{spread(vs)}** ({verdict}); time to the best baseline's final val bpb: {time_to_best(vs)}.")
         if never_froze(f["ok"], f["schedule"]):
             line += f" {NO_FREEZE}."
+        if vs["n"] and not vs["reached"] and all(a["fraction"] == 1.0 for a in g["arms"]):
+            line += (" No shorter-budget runs (BUDGET_FRACTION) are needed for the reach-it-sooner question: no "
+                     "feature arm reached the best baseline's final val bpb on the full budget.")
         out.append(line)
     return out
 

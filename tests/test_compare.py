@@ -549,6 +549,19 @@ def test_frontier_refuses_few_eval_tokens_unless_allowed(tmp_path):
     assert not cr.build_guard([], frontier=False, allow_unequal=False, allow_few=False).refused
 
 
+def test_frontier_headline_says_when_no_shorter_budget_is_needed(tmp_path):
+    """No fraction runs and no feature arm reaching the best baseline on the full budget: the
+    headline says that the 0.8-budget question is answered; with a fraction arm it does not."""
+    arms = {k: v for k, v in ARMS.items() if k in ("base_d2", "base_d4")}
+    arms["drop_d4"] = ("feature", 4, "layer_drop", 1.0, {1: 1.50, 2: 1.52, 3: 1.49}, 3, None)
+    d = frontier_dir(tmp_path / "a", arms=arms)
+    cr.write_report(d, allow_unequal=False, allow_few=False)
+    assert "No shorter-budget runs (BUDGET_FRACTION) are needed" in open(os.path.join(d, "summary.md")).read()
+    d = frontier_dir(tmp_path / "b")  # dyn_d6 reaches the best baseline, and a fraction arm ran
+    cr.write_report(d, allow_unequal=False, allow_few=False)
+    assert "No shorter-budget runs" not in open(os.path.join(d, "summary.md")).read()
+
+
 def test_report_names_runs_whose_evaluation_reached_the_end_of_the_val_split(tmp_path):
     d = frontier_dir(tmp_path)
     with open(os.path.join(d, "base_d2_t10_s1.log"), "w") as f:
