@@ -288,6 +288,14 @@ def fits(peak: int, free_bytes: int) -> bool:
     return peak * (1 + FIT_MARGIN) <= free_bytes
 
 
+def largest_fitting(cfg: GPTConfig, candidates: list[int], opts: dict, free_bytes: int,
+                    recompute: str | None = None) -> int | None:
+    """The first of `candidates` (largest first) whose estimated peak fits `free_bytes`, with the
+    recompute mode `recompute` instead of opts' when given; None if none does."""
+    opts = opts if recompute is None else {**opts, "recompute": recompute}
+    return next((b for b in candidates if fits(estimate_memory(cfg, b, **opts)["peak"], free_bytes)), None)
+
+
 def sequences_per_rank(args: argparse.Namespace, cfg: GPTConfig, world_size: int) -> int:
     """Sequences one rank processes per optimizer step: --total-batch-size's, or the scaling
     rule's when it is auto (-1); 0 when --total-batch-size is not a whole number of sequences
@@ -347,9 +355,7 @@ def auto_device_batch(args: argparse.Namespace, cfg: GPTConfig, world_size: int,
     if opts["recompute"] == "none" and batch <= SMALL_BATCH_TOKENS // cfg.sequence_len and bigger:
         # auto picks the batch, not the mode: a batch this small is where selective recompute's
         # larger batch measured faster (docs/optimizations/memory.md, "When recompute pays")
-        sel = next((b for b in bigger[::-1] if fits(estimate_memory(cfg, b, **{**opts, "recompute": "selective"})["peak"],
-                                                     free_bytes)), None)
-        if sel:
+        if sel := largest_fitting(cfg, bigger, opts, free_bytes, recompute="selective"):
             hint = (f"; --activation-checkpointing=selective would fit batch {sel}, measured faster than a batch of "
                     f"{SMALL_BATCH_TOKENS:,} tokens or fewer without recompute (docs/optimizations/memory.md)")
     return batch, (f"device batch: auto -> {batch}, the largest power of two <= {per_rank} sequences per rank whose "
@@ -377,9 +383,7 @@ def fit_report(args: argparse.Namespace, cfg: GPTConfig, world_size: int, free_b
             f"{_fmt_bytes(free_bytes)}")
     if fits(peak, free_bytes):
         return line + f": fits with a {FIT_MARGIN:.0%} margin", None, None
-    smaller = [b for b in batch_candidates(args, cfg, world_size, limit=batch - 1)
-               if fits(estimate_memory(cfg, b, **opts)["peak"], free_bytes)]
-    suggestion = smaller[0] if smaller else None
+    suggestion = largest_fitting(cfg, batch_candidates(args, cfg, world_size, limit=batch - 1), opts, free_bytes)
     problem = (f"estimated peak memory {_fmt_bytes(peak)} per device {_describe(cfg, batch, opts)} does not fit the "
                f"device's free {_fmt_bytes(free_bytes)} with a {FIT_MARGIN:.0%} margin: ")
     if suggestion:
@@ -422,8 +426,7 @@ def auto_recompute(args: argparse.Namespace, cfg: GPTConfig, world_size: int, fr
         return "none", "activation checkpointing: auto -> none (no device memory to fit against off CUDA)"
     fixed = args.device_batch_size != "auto"
     candidates = [args.device_batch_size] if fixed else batch_candidates(args, cfg, world_size)
-    largest = {m: next((b for b in candidates if fits(estimate_memory(cfg, b, **{**opts, "recompute": m})["peak"],
-                                                      free_bytes)), None) for m in ("none", "selective", "blocks")}
+    largest = {m: largest_fitting(cfg, candidates, opts, free_bytes, recompute=m) for m in ("none", "selective", "blocks")}
     sizes = ", ".join(f"{m} {b or 'none'}" for m, b in largest.items())
     if fixed:
         mode = next((m for m, b in largest.items() if b), "none")

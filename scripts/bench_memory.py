@@ -30,7 +30,7 @@ import torch._dynamo
 
 from nanochat.gpt import GPT, RECOMPUTE_MODES, ModelRuntime
 from nanochat.optim import MuonAdamW
-from nanochat.plan import batch_candidates, estimate_memory, fits, model_config_from_args
+from nanochat.plan import batch_candidates, estimate_memory, fits, largest_fitting, model_config_from_args
 
 GiB = 2 ** 30
 
@@ -98,9 +98,7 @@ def estimate_options(args, seq: int, mode: str) -> dict:
 def auto_batch(args, cfg, seq: int, mode: str, cap: int) -> int | None:
     """What --device-batch-size=auto picks with `cap` bytes free (None: nothing fits)."""
     shape = argparse.Namespace(total_batch_size=args.total_batch_size, max_seq_len=seq, device_batch_size="auto")
-    opts = estimate_options(args, seq, mode)
-    fitting = [b for b in batch_candidates(shape, cfg, 1) if fits(estimate_memory(cfg, b, **opts)["peak"], cap)]
-    return fitting[0] if fitting else None
+    return largest_fitting(cfg, batch_candidates(shape, cfg, 1), estimate_options(args, seq, mode), cap)
 
 
 def run_variant(args, depth: int, seq: int, batch: int, mode: str, device) -> dict:
