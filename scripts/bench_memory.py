@@ -16,6 +16,10 @@ gradients, optimizer state: what stays allocated between backward and zero_grad 
 activations are gone), the median step time and tok/s, next to `nanochat.plan.estimate_memory`'s
 prediction, whether that prediction lets base_train start, and which batch `--device-batch-size=auto`
 would pick for that depth and mode (`auto` column). A step that does not fit is reported as OOM.
+A second table gives, per depth and sequence length, the mode and batch that
+`--activation-checkpointing=auto --device-batch-size=auto` picks with --free-gib free (a real card
+of --memory-gib shows about that much after the CUDA context) and its tok/s against the fastest
+measured row.
 The cap covers what PyTorch allocates; the CUDA context and cuBLAS workspaces are outside it, so a
 real 24 GiB card has ~0.5 GiB less. The table is printed as markdown, ready for memory.md.
 """
@@ -30,7 +34,8 @@ import torch._dynamo
 
 from nanochat.gpt import GPT, RECOMPUTE_MODES, ModelRuntime
 from nanochat.optim import MuonAdamW
-from nanochat.plan import batch_candidates, estimate_memory, fits, largest_fitting, model_config_from_args
+from nanochat.plan import (auto_device_batch, auto_recompute, batch_candidates, estimate_memory, fits, largest_fitting,
+                           model_config_from_args)
 
 GiB = 2 ** 30
 
@@ -45,6 +50,8 @@ def parse(argv=None):
                    "the first --seq-lens value, instead of the --depths x --batches x --modes grid")
     p.add_argument("--total-batch-size", type=int, default=32768, help="tokens per optimizer step (gradient accumulation)")
     p.add_argument("--memory-gib", type=float, default=24.0, help="emulated card size (GiB); <= 0 = the whole device")
+    p.add_argument("--free-gib", type=float, default=None, help="free memory the auto picks are made for "
+                   "(default: the cap - 0.6, what a real card of that size shows free after the CUDA context)")
     p.add_argument("--aspect-ratio", type=int, default=64)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--window-pattern", default="L")
@@ -90,15 +97,44 @@ def accumulation(args, seq: int, batch: int) -> int:
 
 
 def estimate_options(args, seq: int, mode: str) -> dict:
-    """estimate_memory's keyword arguments for a variant, as base_train passes them."""
-    return {"compiled": not args.no_compile, "lm_ce_kernel": args.lm_ce_kernel, "recompute": mode,
-            "sequences_per_rank": args.total_batch_size // seq}
+    """estimate_memory's keyword arguments for a variant, as base_train passes them (nanochat.plan.memory_options)."""
+    return {"compute_bytes": 2, "compiled": not args.no_compile, "lm_ce_backend": "baseline", "lm_ce_chunk_size": 8192,
+            "lm_ce_kernel": args.lm_ce_kernel, "recompute": mode, "sequences_per_rank": args.total_batch_size // seq}
+
+
+def batch_args(args, seq: int, mode: str = "auto") -> argparse.Namespace:
+    """The batch flags base_train would see: --device-batch-size=auto at this total batch."""
+    return argparse.Namespace(total_batch_size=args.total_batch_size, max_seq_len=seq, device_batch_size="auto",
+                              activation_checkpointing=mode)
 
 
 def auto_batch(args, cfg, seq: int, mode: str, cap: int) -> int | None:
     """What --device-batch-size=auto picks with `cap` bytes free (None: nothing fits)."""
-    shape = argparse.Namespace(total_batch_size=args.total_batch_size, max_seq_len=seq, device_batch_size="auto")
-    return largest_fitting(cfg, batch_candidates(shape, cfg, 1), estimate_options(args, seq, mode), cap)
+    return largest_fitting(cfg, batch_candidates(batch_args(args, seq), cfg, 1), estimate_options(args, seq, mode), cap)
+
+
+def auto_pick(args, cfg, seq: int, free: int) -> tuple[str, int | None]:
+    """(mode, batch) that --activation-checkpointing=auto --device-batch-size=auto picks with `free` bytes free."""
+    shape = batch_args(args, seq)
+    mode, _ = auto_recompute(shape, cfg, 1, free, estimate_options(args, seq, "none"))
+    batch, _ = auto_device_batch(shape, cfg, 1, free, estimate_options(args, seq, mode))
+    return mode, batch
+
+
+def auto_table(args, rows: list, free: int) -> None:
+    """Per (depth, seq): the auto pick's measured tok/s against the fastest measured row."""
+    print(f"\n| depth | seq | auto picks ({free / GiB:.1f} GiB free) | tok/s | fastest measured | tok/s | auto / fastest |")
+    print("|---|---|---|---|---|---|---|")
+    for depth, seq in dict.fromkeys((r[0], r[1]) for r in rows):
+        mode, batch = auto_pick(args, model_config(args, depth, seq), seq, free)
+        measured = {(b, m): r["tokens"] / r["step"] for d, t, b, m, *_, r in rows
+                    if (d, t) == (depth, seq) and not r["oom"]}
+        if not measured:
+            continue
+        (fb, fm), fast = max(measured.items(), key=lambda kv: kv[1])
+        got = measured.get((batch, mode))
+        print(f"| {depth} | {seq} | {mode} {batch} | {f'{got:,.0f}' if got else 'not measured'} | {fm} {fb} | {fast:,.0f} "
+              f"| {f'{got / fast:.3f}' if got else '-'} |")
 
 
 def run_variant(args, depth: int, seq: int, batch: int, mode: str, device) -> dict:
@@ -186,6 +222,7 @@ def main(argv=None) -> None:
                     f"{r['step'] * 1000:.1f} | {r['tokens'] / r['step']:,.0f}")
         print(f"| {depth} | {seq} | {batch} | {mode} | {'auto' if auto else ''} | {est:.2f} | {'yes' if ok else 'no'} "
               f"| {measured} |")
+    auto_table(args, rows, int(cap - 0.6 * GiB if args.free_gib is None else args.free_gib * GiB))
 
 
 if __name__ == "__main__":

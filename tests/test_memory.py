@@ -503,6 +503,24 @@ def test_bench_memory_plans_variants_accumulation_and_the_auto_pick():
     assert bench_memory.auto_batch(args, cfg, 2048, "none", 1) is None
 
 
+def test_bench_memory_auto_table_rates_the_full_auto_pick_against_the_fastest_row(capsys):
+    """The second table: the (mode, batch) of --activation-checkpointing=auto --device-batch-size=auto
+    at the given free memory, its measured tok/s over the fastest measured row; OOM rows are not rows."""
+    from scripts import bench_memory
+    args = bench_memory.parse(["--variants=20:none:4", "--seq-lens=2048"])
+    cfg = bench_memory.model_config(args, 20, 2048)
+    free = 23 * 2 ** 30
+    mode, batch = bench_memory.auto_pick(args, cfg, 2048, free)
+    assert (mode, batch) == ("selective", 8)  # d20 on a 24 GB card: none fits only batch 4 (8,192 tokens)
+    row = lambda b, m, step, oom=False: (20, 2048, b, m, 0.0, True, False, {"oom": True} if oom else {"oom": False, "tokens": 32768, "step": step})
+    rows = [row(4, "none", 0.25), row(8, "selective", 0.26), row(8, "none", 0.0, oom=True), row(16, "blocks", 0.3)]
+    bench_memory.auto_table(args, rows, free)
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("| 20 | 2048 | selective 8 | 126,031 | none 4 | 131,072 |") and line.endswith("| 0.962 |")
+    bench_memory.auto_table(args, rows[:1], free)  # the pick was not measured
+    assert "| selective 8 | not measured |" in capsys.readouterr().out
+
+
 def test_runner_maps_the_recompute_mode_and_an_auto_batch(tmp_path):
     runner = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "runs", "speedrun_small.sh")
     env = {**os.environ, "DRY_RUN": "1", "SKIP_SETUP": "1", "NANOCHAT_BASE_DIR": str(tmp_path)}
