@@ -183,6 +183,10 @@ def horizon_problems(resume_step: int | None, plan: Horizon) -> list[str]:
 # ~8 of the block being differentiated (9 with temporaries).
 RECOMPUTE_ACT_ELEMS = {"none": (19, 19, 0), "blocks": (1, 1, 19), "selective": (11, 10, 9)}
 ACT_ELEMS_PER_TOKEN_DIM_LAYER = RECOMPUTE_ACT_ELEMS["none"][0]
+# Bytes per element of the largest same-shape matrix group that Muon's step holds beyond the
+# weights, gradients and momentum: the stacked fp32 update and the bf16 Newton-Schulz iterates.
+# Measured 9.9-10.1 at d20, d26 and d28 (the optimizer-step peak of `blocks` at small batches).
+MUON_TRANSIENT_BYTES = 10
 # The estimate must fit the free memory with this fraction of itself to spare: the caching
 # allocator's fragmentation, cuBLAS workspaces and NCCL buffers are not in the estimate.
 FIT_MARGIN = 0.05
@@ -213,11 +217,15 @@ def estimate_memory(cfg: GPTConfig, device_batch_size: int, *, compute_bytes: in
     - the head: every block's kept activations and the loss's logits. The block gradients exist
       then only when an earlier micro-step made them: `sequences_per_rank` // `device_batch_size`
       micro-steps per optimizer step; 0 (unknown) assumes more than one;
-    - the blocks' backward: every gradient, the kept activations and what one recomputed block holds;
-    - the optimizer step: activations gone, Muon stacks the largest same-shape group (~4 fp32 copies).
-    Measured on an H100 capped at 24 GiB (seq 2048, compiled, Triton loss; d12-d28, all three
-    modes, records/2026-12-06_memory_24gib): 0.99-1.10x the peak allocated. FP8 and frozen-prefix
-    (dynamic_suffix) savings are not modelled: full steps peak.
+    - the blocks' backward, with what one recomputed block holds: when accumulating, every
+      gradient and every kept activation; with one micro-step the blocks' gradients appear as
+      their activations are freed, so the larger of the two ends (all kept activations, or all
+      block gradients and the first block's activations);
+    - the optimizer step: activations gone, Muon stacks the largest same-shape group and
+      orthogonalises it (MUON_TRANSIENT_BYTES per element).
+    Measured on an H100 capped at 24 GiB (seq 1024-4096, compiled, Triton loss; d12-d30, all three
+    modes, records/2026-12-06_memory_24gib and records/2026-12-06_memory_24gib_grid). FP8 and
+    frozen-prefix (dynamic_suffix) savings are not modelled: full steps peak.
 
     Returns the components of the head's peak, `backward_extra` (what the blocks' backward holds
     beyond them), `optimizer_peak` and 'peak'.
@@ -253,9 +261,13 @@ def estimate_memory(cfg: GPTConfig, device_batch_size: int, *, compute_bytes: in
         chunk = min(lm_ce_chunk_size, n_tok)
         out["lm_head_loss"] = 4 * vocab * d + compute_bytes * n_tok * d + chunk * vocab * (2 * compute_bytes if compiled else 12)
     head_peak = sum(out.values())
-    out["backward_extra"] = all_grads - out["grads"] + compute_bytes * n_tok * d * transient
+    block_acts = compute_bytes * n_tok * d * kept * cfg.n_layer
+    held = block_acts if accumulating else max(block_acts, block_acts // cfg.n_layer + all_grads - out["grads"])
+    out["backward_extra"] = all_grads - out["grads"] if accumulating else held - block_acts
+    out["backward_extra"] += compute_bytes * n_tok * d * transient
     backward_peak = head_peak - out["lm_head_loss"] + out["backward_extra"]
-    out["optimizer_peak"] = 2 * all_grads + out["optimizer_state"] + 16 * max(muon_groups.values(), default=0)
+    out["optimizer_peak"] = (2 * all_grads + out["optimizer_state"]
+                             + MUON_TRANSIENT_BYTES * max(muon_groups.values(), default=0))
     out["peak"] = max(head_peak, backward_peak, out["optimizer_peak"])
     return out
 

@@ -23,6 +23,12 @@ measured row.
 The cap covers what PyTorch allocates; the CUDA context and cuBLAS workspaces are outside it, so a
 real 24 GiB card has ~0.5 GiB less. The table is printed as markdown, ready for memory.md.
 """
+import os
+
+# the caching allocator as base_train configures it (set before torch starts CUDA): without
+# expandable segments, fragmentation reserves up to ~4 GiB more at d28 and OOMs settings that train
+os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
+
 import argparse
 import gc
 import statistics

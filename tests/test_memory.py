@@ -249,25 +249,53 @@ def test_estimate_counts_block_gradients_at_the_head_only_when_accumulating():
     unknown = estimate_memory(d12(), 32)
     counts = GPT(d12()).num_scaling_params()
     assert one["grads"] == 4 * counts["lm_head"] and two["grads"] == unknown["grads"] == 4 * counts["total"]
-    assert one["grads"] + one["backward_extra"] == unknown["grads"]  # the blocks' backward holds them all
     assert one["peak"] < unknown["peak"]
+    # the blocks' backward: accumulating, every gradient on top of every kept activation; with one
+    # micro-step the block gradients appear as the activations are freed: the larger end counts
+    assert unknown["backward_extra"] == two["backward_extra"] == 0  # every gradient is counted at the head already
+    assert one["backward_extra"] == 0  # without recompute the kept activations outweigh the gradients
+    blocks = estimate_memory(d12(), 4, sequences_per_rank=4, recompute="blocks")  # a small batch: the gradients win
+    per_elem = 2 * 4 * 1024 * 768  # bf16 values of one model-dim activation of the batch
+    kept = per_elem * RECOMPUTE_ACT_ELEMS["blocks"][1] * 12  # compiled, 12 layers
+    block_grads = unknown["grads"] - one["grads"]
+    assert block_grads > kept
+    assert blocks["backward_extra"] == kept // 12 + block_grads - kept + per_elem * RECOMPUTE_ACT_ELEMS["blocks"][2]
 
 
-# Peak allocated GiB measured on an H100 with the allocator capped at 24 GiB, seq 2048, total batch
-# 32,768, regional compile, bf16, Triton loss (records/2026-12-06_memory_24gib): (depth, batch, mode).
-MEASURED_24GIB = {(20, 4, "none"): 14.71, (20, 8, "none"): 22.83, (20, 8, "selective"): 15.82,
-                  (20, 8, "blocks"): 8.77, (20, 16, "blocks"): 9.90, (12, 16, "none"): 15.83,
-                  (12, 16, "selective"): 11.15, (12, 16, "blocks"): 6.08, (26, 2, "none"): 19.77,
-                  (26, 4, "selective"): 19.18, (26, 8, "blocks"): 14.99, (26, 16, "blocks"): 14.89,
-                  (28, 1, "none"): 19.88, (28, 2, "selective"): 18.43, (28, 8, "blocks"): 17.80, (12, 8, "none"): 9.17}
+# Peak allocated GiB measured on an H100 with the allocator capped at 24 GiB, total batch 32,768,
+# regional compile, bf16, Triton loss (records/2026-12-06_memory_24gib, ..._24gib_grid):
+# (seq, depth, batch, mode). The first block was measured before the estimate's revision, the rest after.
+MEASURED_24GIB = {
+    (2048, 20, 4, "none"): 14.71, (2048, 20, 8, "none"): 22.83, (2048, 20, 8, "selective"): 15.82,
+    (2048, 20, 8, "blocks"): 8.77, (2048, 20, 16, "blocks"): 9.90, (2048, 12, 16, "none"): 15.83,
+    (2048, 12, 16, "selective"): 11.15, (2048, 12, 16, "blocks"): 6.08, (2048, 26, 2, "none"): 19.77,
+    (2048, 26, 4, "selective"): 19.18, (2048, 26, 8, "blocks"): 14.99, (2048, 26, 16, "blocks"): 14.89,
+    (2048, 28, 1, "none"): 19.88, (2048, 28, 2, "selective"): 18.43, (2048, 28, 8, "blocks"): 17.80,
+    (2048, 12, 8, "none"): 9.17,
+    # seq 2048 grid, d24, seq 1024 and 4096
+    (2048, 28, 16, "blocks"): 17.29, (2048, 30, 2, "selective"): 21.96, (2048, 30, 8, "blocks"): 20.91,
+    (2048, 12, 1, "none"): 2.93, (2048, 12, 4, "selective"): 4.30, (2048, 12, 1, "blocks"): 2.15,
+    (2048, 20, 1, "none"): 8.64, (2048, 20, 2, "selective"): 8.32, (2048, 20, 2, "blocks"): 6.98,
+    (2048, 26, 1, "none"): 16.39, (2048, 26, 1, "blocks"): 14.05, (2048, 28, 2, "blocks"): 17.29,
+    (2048, 24, 1, "none"): 13.36, (2048, 24, 4, "none"): 21.78, (2048, 24, 4, "selective"): 16.00,
+    (2048, 24, 8, "selective"): 22.73, (2048, 24, 16, "blocks"): 12.99,
+    (1024, 12, 32, "none"): 15.82, (1024, 12, 32, "selective"): 11.14, (1024, 12, 32, "blocks"): 6.07,
+    (1024, 20, 16, "none"): 22.79, (1024, 20, 32, "blocks"): 9.89,
+    (4096, 12, 8, "none"): 15.86, (4096, 12, 8, "selective"): 11.17, (4096, 12, 8, "blocks"): 6.10,
+    (4096, 20, 2, "none"): 14.69, (4096, 20, 4, "none"): 22.82, (4096, 20, 4, "selective"): 15.81,
+    (4096, 20, 8, "blocks"): 9.92,
+}
 
 
-def test_estimate_is_within_10_percent_of_the_measured_peaks():
-    for (depth, batch, mode), peak in MEASURED_24GIB.items():
-        cfg = GPTConfig(sequence_len=2048, vocab_size=32768, n_layer=depth, n_head=depth // 2, n_kv_head=depth // 2,
+def test_estimate_is_within_6_percent_of_the_measured_peaks():
+    """The goal is 10 %; the estimate is 0.95-1.035x every measured peak, so a change that moves
+    it past 6 % either way is caught here."""
+    for (seq, depth, batch, mode), peak in MEASURED_24GIB.items():
+        cfg = GPTConfig(sequence_len=seq, vocab_size=32768, n_layer=depth, n_head=depth // 2, n_kv_head=depth // 2,
                         n_embd=depth * 64)  # --depth=depth: aspect ratio 64, head dim 128
-        est = estimate_memory(cfg, batch, lm_ce_kernel="triton", recompute=mode, sequences_per_rank=16)["peak"] / GiB
-        assert 0.98 <= est / peak <= 1.10, (depth, batch, mode, est, peak)
+        est = estimate_memory(cfg, batch, lm_ce_kernel="triton", recompute=mode,
+                              sequences_per_rank=32768 // seq)["peak"] / GiB
+        assert 0.94 <= est / peak <= 1.06, (seq, depth, batch, mode, est, peak)
 
 
 # ---------------------------------------------------------------------------------------------
