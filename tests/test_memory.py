@@ -410,7 +410,7 @@ def test_fit_report_fits_or_suggests_the_largest_batch_and_recompute():
     assert blocks32 < need[16]  # at d12, blocks recompute fits batch 32 where batch 16 barely does
     a = args_for("--device-batch-size=32", "--total-batch-size=65536")
     line, problem, suggestion = fit_report(a, cfg, 1, int(need[32]) + 1, opts())
-    assert problem is None and suggestion is None and "fits with a 5% margin" in line and "free on the device" in line
+    assert problem is None and suggestion is None and f"fits with a {FIT_MARGIN:.0%} margin" in line and "free on the device" in line
     line, problem, suggestion = fit_report(a, cfg, 1, int(need[16]) + 1, opts())
     assert suggestion == 16 and "--device-batch-size=16, the largest that fits" in problem
     assert "--activation-checkpointing=blocks would fit batch 32" in problem
@@ -525,7 +525,7 @@ def test_bench_memory_plans_variants_accumulation_and_the_auto_pick():
         bench_memory.variants(bench_memory.parse(["--variants=20:full:4"]))
     cfg = bench_memory.model_config(args, 20, 2048)
     est = {b: estimate_memory(cfg, b, compiled=True, lm_ce_kernel="triton", recompute="none")["peak"] for b in (4, 8)}
-    cap = int(est[8] * 1.06)  # batch 8 fits with the 5 % margin, 16 does not
+    cap = int(est[8] * (1 + FIT_MARGIN) + 1)  # batch 8 fits with the margin, 16 does not
     assert bench_memory.auto_batch(args, cfg, 2048, "none", cap) == 8
     assert bench_memory.auto_batch(args, cfg, 2048, "none", int(est[4] * 1.06)) == 4
     assert bench_memory.auto_batch(args, cfg, 2048, "none", 1) is None
