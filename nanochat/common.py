@@ -232,6 +232,14 @@ def init_wandb(run_name: str, config: dict, master: bool, run_id: str | None = N
         return DummyWandb()
 
 
+def device_mark():
+    """A CUDA event recorded now on the current stream, with timing: `a.elapsed_time(b)` is the
+    device time in ms between two marks once both have completed."""
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
 class ScalarReader:
     """Read a 0-dim device tensor on the host without waiting for the work queued after it.
 
@@ -252,8 +260,7 @@ class ScalarReader:
             self.value = t.item()
             return
         self.buf.copy_(t.detach(), non_blocking=True)
-        self.event = torch.cuda.Event()
-        self.event.record()
+        self.event = device_mark()  # also the step clock's mark of this step (nanochat.train_state)
 
     def result(self) -> float:
         if not self.cuda:

@@ -12,13 +12,21 @@ one step of device time. Before anything else uses the device (an evaluation, a 
 `stop()` waits for the queued work and books its time to the same totals, so totals and steady
 tok/s count every second of device work and nothing else. The first step of each process
 includes compilation: it is reported apart (`compile_sec`) and left out of steady tok/s.
+
+A step's own time (its log line's dt, the median and slow-step statistics) comes from device
+marks where there are some (CUDA events recorded as each loss is copied out): the device
+timeline from the previous step's loss to this one's. Wall-clock intervals between reads are
+right in sum but not step by step when the host cannot queue a whole step ahead (the launch
+queue fills at d20+ with accumulation): the first late-read step after the clock starts then
+shows nearly two steps and the last one before a stop nearly none (measured at d28: 1,376 and
+28 ms against 700).
 """
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import asdict, dataclass, fields
-from typing import Callable
+from typing import Any, Callable
 
 from nanochat.common import step_time_stats
 
@@ -82,13 +90,17 @@ class StepClock:
     """Step timing from loss read to loss read (see the module docstring).
 
     `sync`: waits for the device's queued work (torch.cuda.synchronize; a no-op on CPU).
-    `now`: the time source (injectable for tests)."""
+    `now`: the time source (injectable for tests).
+    `mark`: records a device mark now and returns it (`nanochat.common.device_mark`); marks have
+    `elapsed_time(later)` in ms. None (CPU): a step's own time is its wall-clock interval."""
 
     def __init__(self, state: TrainState, *, sync: Callable[[], None], launch_time: float,
-                 now: Callable[[], float] = time.time):
+                 now: Callable[[], float] = time.time, mark: Callable[[], Any] | None = None):
         self.state = state
         self.sync = sync
         self.now = now
+        self.mark = mark
+        self.last_mark = None  # the device mark of the last loss read (or of the clock's start)
         self.launch_time = launch_time
         self.first_step = state.step
         self.t_mark: float | None = None  # the last loss read; None = stopped
@@ -108,28 +120,34 @@ class StepClock:
             return False
         self.sync()
         self.t_mark = self.now()
+        self.last_mark = self.mark() if self.mark else None
         return True
 
-    def close_step(self, step: int) -> float:
-        """Step `step`'s loss was just read: its interval ends here. Returns dt."""
+    def close_step(self, step: int, mark: Any = None) -> float:
+        """Step `step`'s loss was just read (`mark`: the device mark recorded with its copy): its
+        interval ends here. Returns the step's own time: device time from the previous mark when
+        both marks exist, else the wall-clock interval; the first step's is wall-clock (it compiles)."""
         now = self.now()
         dt = now - self.t_mark
         self.t_mark = now
+        own = dt if mark is None or self.last_mark is None else self.last_mark.elapsed_time(mark) / 1000
+        self.last_mark = mark
         self.state.train_elapsed += dt
         if step == self.first_step:
             self.compile_sec = dt
             self.launch_sec = now - self.launch_time  # setup, any evaluation at this step, the first step
-        else:
-            self.state.total_training_time += dt
-            self.run_step_time += dt
-            self.step_times.append(dt)
-        return dt
+            return dt
+        self.state.total_training_time += dt
+        self.run_step_time += dt
+        self.step_times.append(own)
+        return own
 
-    def close_skipped_step(self) -> None:
+    def close_skipped_step(self, mark: Any = None) -> None:
         """A skipped (non-finite) step: its time is spent but it is not a step of the statistics."""
         now = self.now()
         self.state.train_elapsed += now - self.t_mark
         self.t_mark = now
+        self.last_mark = mark
 
     def stop(self) -> None:
         """Stop the clock: wait for the queued work (the last step's optimizer runs after the loss
@@ -139,6 +157,7 @@ class StepClock:
         self.sync()
         extra = self.now() - self.t_mark
         self.t_mark = None
+        self.last_mark = None
         self.state.train_elapsed += extra
         if self.state.step == self.first_step + 1 and self.compile_sec is not None:  # the first step's tail
             self.compile_sec += extra

@@ -161,6 +161,7 @@ class StepRecord:
     plan: StepPlan
     lrm: float
     reader: ScalarReader
+    mark: Any = None  # the device mark recorded with its loss's copy (the step clock's, CUDA only)
     mem_mib: float = 0.0
     lines: list[str] = field(default_factory=list)
 
@@ -265,7 +266,7 @@ class StepRunner:
                     and not problem:
                 problem = "non-finite gradients on another rank"  # every rank must skip together
             if problem:
-                self.bad_step(step, problem, train_loss)
+                self.bad_step(step, problem, train_loss, reader.event)
                 state.step += 1
                 return
         grads_reduced = schedule.after_backward(step, plan)
@@ -276,7 +277,7 @@ class StepRunner:
         for p in self.params:
             p.grad = None
         self.finish_pending()  # the previous step's loss, read one step late
-        rec = StepRecord(step, plan, lrm, reader)
+        rec = StepRecord(step, plan, lrm, reader, reader.event)
         # Read this step's loss now where something needs it before the next step: the first step
         # after the clock started (its time is the compile time), a measuring schedule step (the
         # next plan depends on it), the EMA and --debug-mem-every (both act on this step's result),
@@ -288,7 +289,7 @@ class StepRunner:
             if train_loss is None:
                 train_loss = reader.result()  # the host sync of this step, with the optimizer queued
                 if problem := self.guard.check_before_step(train_loss):  # the step above was a no-op
-                    self.bad_step(step, problem, train_loss)
+                    self.bad_step(step, problem, train_loss, reader.event)
                     state.step += 1
                     return
             self._good_step()
@@ -338,12 +339,12 @@ class StepRunner:
         rec, self.pending = self.pending, None
         train_loss = rec.reader.result()
         if problem := self.guard.check_before_step(train_loss):  # its optimizer step was skipped on the device
-            self.bad_step(rec.step, problem, train_loss)
+            self.bad_step(rec.step, problem, train_loss, rec.mark)
             return
         self._good_step()
         self.log_step(rec, train_loss)
 
-    def bad_step(self, k: int, problem: str, loss: float) -> None:
+    def bad_step(self, k: int, problem: str, loss: float, mark: Any = None) -> None:
         """Step k was not finite and never changed the weights (its optimizer update was not made,
         or was skipped on the device): count it (--skip-nonfinite-steps) or stop the run."""
         skip = self.guard.on_bad_step()
@@ -354,7 +355,7 @@ class StepRunner:
             raise TrainingStopped(f"step {k:05d} | {problem}; stopping without its optimizer update{in_a_row}. "
                                   f"The last saved checkpoint is untouched.")
         self.model.zero_grad(set_to_none=True)
-        self.clock.close_skipped_step()
+        self.clock.close_skipped_step(mark)
         self.state.record_skipped_loss(k)
         self.state.nonfinite_skipped += 1
         print0(f"step {k:05d} | {problem} | step skipped: no optimizer update ({self.guard.consecutive} in a row, "
@@ -365,7 +366,7 @@ class StepRunner:
     def log_step(self, rec: StepRecord, train_loss: float) -> None:
         """Close step rec.step on the clock (its loss was just read) and print/record it."""
         info, k, plan = self.info, rec.step, rec.plan
-        dt = self.clock.close_step(k)
+        dt = self.clock.close_step(k, rec.mark)
         self.peak_step_mem = max(self.peak_step_mem, rec.mem_mib)
         debiased = self.state.record_loss(k, train_loss)
         tok_per_sec = info.total_batch_size / dt

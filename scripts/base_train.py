@@ -31,8 +31,8 @@ import torch._dynamo
 from nanochat.attention import select_attention_backend
 from nanochat.checkpoint import (CheckpointError, check_state_dict_keys, diff_model_config, load_checkpoint,
                                  lock_checkpoint_dir, save_checkpoint, set_aside_newer)
-from nanochat.common import (UsageError, autodetect_device_type, compute_cleanup, compute_init, get_base_dir,
-                             get_dist_info, get_peak_flops, init_wandb, print0, run_provenance)
+from nanochat.common import (UsageError, autodetect_device_type, compute_cleanup, compute_init, device_mark,
+                             get_base_dir, get_dist_info, get_peak_flops, init_wandb, print0, run_provenance)
 from nanochat.config import build_parser, parse_args
 from nanochat.core_eval import BundleError, ensure_eval_bundle, evaluate_core, load_bundle
 from nanochat.dataloader import build_eval_loader, build_train_loader, train_resume_state
@@ -392,7 +392,8 @@ def main():
     state = TrainState.from_checkpoint(meta) if meta else TrainState()
     if meta:
         torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(meta["rng"]["cpu"])), dtype=torch.uint8))
-    clock = StepClock(state, sync=torch.cuda.synchronize if cuda else (lambda: None), launch_time=t_launch)
+    clock = StepClock(state, sync=torch.cuda.synchronize if cuda else (lambda: None), launch_time=t_launch,
+                      mark=device_mark if cuda else None)
     # a resumed run continues its wandb run: the id rides in the checkpoints
     wandb_run = init_wandb(args.run, {**user_config, **provenance}, master, run_id=meta.get("wandb_id"))
     metrics = MetricsLog(args.metrics_file, master, wandb_run, wandb_every=args.wandb_log_every)

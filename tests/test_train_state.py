@@ -207,3 +207,59 @@ def test_steady_tok_per_sec_without_steady_steps_is_nan():
     clock.start()
     run_steps(clock, now, [5.0])
     assert math.isnan(clock.steady_tok_per_sec(100))
+
+
+class FakeMark:
+    """A device mark at a time on a fake device timeline (seconds); elapsed_time in ms, as CUDA's."""
+
+    def __init__(self, t):
+        self.t = t
+
+    def elapsed_time(self, later):
+        return (later.t - self.t) * 1000
+
+
+def test_device_marks_give_each_step_its_own_time_where_wall_intervals_shift():
+    """A host that cannot queue a whole step ahead reads step k's loss late, when the device is
+    already near the end of step k+1: wall intervals between reads are right in sum but the first
+    late-read step shows ~2 steps and the last ~none (seen on an H100 at d28). The device marks,
+    recorded as each loss is copied out, give every step its own 0.7 s; the totals stay wall-clock."""
+    device = {"t": 0.0}
+    state = TrainState()
+    now = FakeTime()
+    clock = StepClock(state, sync=lambda: None, launch_time=90.0, now=now, mark=lambda: FakeMark(device["t"]))
+    clock.start()
+    # step 0 (read at once, compiles 10 s), then a restart after the first step (the runner settles there)
+    now.advance(10.0); device["t"] += 10.0
+    assert clock.close_step(0, FakeMark(device["t"])) == pytest.approx(10.0)
+    state.step = 1
+    clock.stop()
+    clock.start()
+    # step 1 read at once; steps 2-4 read late, each while step k+1 is queued, with the device
+    # 0.05 s short of the end of step k+1; step 5 read at the stop. Device: 0.7 s a step.
+    end = {k: 10.0 + 0.7 * k for k in range(1, 6)}  # device time at the end of step k
+    reads = {1: end[1], 2: end[3] - 0.05, 3: end[4] - 0.05, 4: end[5] - 0.05, 5: end[5]}  # wall time of each read
+    walls, shown, t = [], [], 10.0
+    for k in range(1, 6):
+        walls.append(reads[k] - t)
+        now.advance(reads[k] - t)
+        t = reads[k]
+        shown.append(clock.close_step(k, FakeMark(end[k])))
+    assert walls == pytest.approx([0.7, 1.35, 0.7, 0.7, 0.05])  # what the log showed before
+    assert shown == pytest.approx([0.7] * 5) and clock.step_times == pytest.approx([0.7] * 5)
+    wall = 5 * 0.7  # what the wall clock booked for steps 1-5: the same total
+    assert clock.run_step_time == pytest.approx(wall) and state.total_training_time == pytest.approx(wall)
+
+
+def test_without_device_marks_the_step_time_is_the_wall_interval():
+    clock, now, _ = make_clock()
+    clock.start()
+    run_steps(clock, now, [5.0, 0.3, 0.4])
+    assert clock.step_times == pytest.approx([0.3, 0.4]) and clock.last_mark is None
+    skipped = TrainState()
+    c2 = StepClock(skipped, sync=lambda: None, launch_time=0.0, now=FakeTime(), mark=lambda: FakeMark(0.0))
+    c2.start()
+    c2.close_skipped_step(FakeMark(1.0))  # a skipped step moves the mark on: the next step starts there
+    assert c2.last_mark.t == 1.0
+    c2.stop()
+    assert c2.last_mark is None
