@@ -32,6 +32,24 @@ def test_result_does_not_wait_for_work_queued_after_start():
     torch.cuda.synchronize()
 
 
+@pytest.mark.gpu
+def test_the_reads_events_time_the_device_work_between_loss_copies():
+    """The step clock's marks (nanochat.train_state): the event each read records with its copy
+    times the device work between two copies, whatever the host does meanwhile."""
+    from nanochat.common import device_mark
+    first, second = ScalarReader("cuda"), ScalarReader("cuda")
+    t = torch.tensor(1.0, device="cuda")
+    torch.cuda._sleep(1000)  # load the kernel first (lazy loading can synchronize)
+    start = device_mark()
+    torch.cuda._sleep(50_000_000)
+    first.start(t)
+    torch.cuda._sleep(50_000_000)
+    second.start(t)
+    assert first.result() == second.result() == 1.0
+    a, b = start.elapsed_time(first.event), first.event.elapsed_time(second.event)
+    assert a > 5 and b > 5 and 0.5 < a / b < 2  # ms: the same sleep on each side
+
+
 def test_step_time_stats_median_and_slow_steps():
     from nanochat.common import step_time_stats
     assert step_time_stats([], 1000) is None
