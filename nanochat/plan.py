@@ -263,10 +263,13 @@ def estimate_memory(cfg: GPTConfig, device_batch_size: int, *, compute_bytes: in
         chunk = min(lm_ce_chunk_size, n_tok)
         out["lm_head_loss"] = 4 * vocab * d + compute_bytes * n_tok * d + chunk * vocab * (2 * compute_bytes if compiled else 12)
     head_peak = sum(out.values())
+    # Block gradients not yet counted at the head (none when accumulating) appear as the blocks'
+    # activations are freed: the backward holds the larger end, all kept activations or all those
+    # gradients with the first block's activations.
     block_acts = compute_bytes * n_tok * d * kept * cfg.n_layer
-    held = block_acts if accumulating else max(block_acts, block_acts // cfg.n_layer + all_grads - out["grads"])
-    out["backward_extra"] = all_grads - out["grads"] if accumulating else held - block_acts
-    out["backward_extra"] += compute_bytes * n_tok * d * transient
+    late_grads = all_grads - out["grads"]
+    out["backward_extra"] = (max(0, block_acts // cfg.n_layer + late_grads - block_acts)
+                             + compute_bytes * n_tok * d * transient)
     backward_peak = head_peak - out["lm_head_loss"] + out["backward_extra"]
     out["optimizer_peak"] = (2 * all_grads + out["optimizer_state"]
                              + MUON_TRANSIENT_BYTES * max(muon_groups.values(), default=0))

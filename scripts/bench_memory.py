@@ -41,7 +41,7 @@ import torch._dynamo
 from nanochat.gpt import GPT, RECOMPUTE_MODES, ModelRuntime
 from nanochat.optim import MuonAdamW
 from nanochat.plan import (auto_device_batch, auto_recompute, batch_candidates, estimate_memory, fits, largest_fitting,
-                           model_config_from_args)
+                           memory_options, model_config_from_args)
 
 GiB = 2 ** 30
 
@@ -102,26 +102,26 @@ def accumulation(args, seq: int, batch: int) -> int:
     return args.total_batch_size // (seq * batch)
 
 
-def estimate_options(args, seq: int, mode: str) -> dict:
-    """estimate_memory's keyword arguments for a variant, as base_train passes them (nanochat.plan.memory_options)."""
-    return {"compute_bytes": 2, "compiled": not args.no_compile, "lm_ce_backend": "baseline", "lm_ce_chunk_size": 8192,
-            "lm_ce_kernel": args.lm_ce_kernel, "recompute": mode, "sequences_per_rank": args.total_batch_size // seq}
-
-
-def batch_args(args, seq: int, mode: str = "auto") -> argparse.Namespace:
-    """The batch flags base_train would see: --device-batch-size=auto at this total batch."""
+def train_args(args, seq: int, mode: str = "auto") -> argparse.Namespace:
+    """The flags base_train would see for a variant, with --device-batch-size=auto at this total batch."""
     return argparse.Namespace(total_batch_size=args.total_batch_size, max_seq_len=seq, device_batch_size="auto",
-                              activation_checkpointing=mode)
+                              activation_checkpointing=mode, no_compile=args.no_compile, lm_ce_backend="baseline",
+                              lm_ce_chunk_size=8192)
+
+
+def estimate_options(args, seq: int, mode: str) -> dict:
+    """estimate_memory's keyword arguments for a variant, as base_train makes them."""
+    return memory_options(train_args(args, seq, mode), "cuda", args.lm_ce_kernel, args.total_batch_size // seq)
 
 
 def auto_batch(args, cfg, seq: int, mode: str, cap: int) -> int | None:
     """What --device-batch-size=auto picks with `cap` bytes free (None: nothing fits)."""
-    return largest_fitting(cfg, batch_candidates(batch_args(args, seq), cfg, 1), estimate_options(args, seq, mode), cap)
+    return largest_fitting(cfg, batch_candidates(train_args(args, seq), cfg, 1), estimate_options(args, seq, mode), cap)
 
 
 def auto_pick(args, cfg, seq: int, free: int) -> tuple[str, int | None]:
     """(mode, batch) that --activation-checkpointing=auto --device-batch-size=auto picks with `free` bytes free."""
-    shape = batch_args(args, seq)
+    shape = train_args(args, seq)
     mode, _ = auto_recompute(shape, cfg, 1, free, estimate_options(args, seq, "none"))
     batch, _ = auto_device_batch(shape, cfg, 1, free, estimate_options(args, seq, mode))
     return mode, batch
